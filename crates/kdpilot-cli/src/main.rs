@@ -1,0 +1,2 @@
+//! The kdpilot command-line tool.
+fn main() {}

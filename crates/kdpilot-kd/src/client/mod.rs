@@ -1,0 +1,1 @@
+//! Async host-side client.

@@ -1,0 +1,1 @@
+//! TODO(helper): debug_io

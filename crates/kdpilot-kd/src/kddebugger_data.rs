@@ -1,0 +1,1 @@
+//! TODO(helper): kddebugger_data

@@ -1,0 +1,1 @@
+//! (no library code: see e2e/)
