@@ -156,6 +156,12 @@ impl Decoder {
         match self.state {
             State::Leader { byte, run } => self.hunt(byte, run, b),
             State::Header { leader, have } => {
+                if have == 0 && b == leader_byte(leader) {
+                    // More than four leader bytes (a stray '0' before the packet): no packet type
+                    // starts with 0x30 or 0x69, so the leader simply continues.
+                    self.skipped += 1;
+                    return None;
+                }
                 if let Some(slot) = self.header.get_mut(have) {
                     *slot = b;
                 }
@@ -280,5 +286,12 @@ impl Decoder {
 
     fn id(&self) -> u32 {
         self.header_u32(4)
+    }
+}
+
+fn leader_byte(leader: Leader) -> u8 {
+    match leader {
+        Leader::Data => PACKET_LEADER_BYTE,
+        Leader::Control => CONTROL_PACKET_LEADER_BYTE,
     }
 }
