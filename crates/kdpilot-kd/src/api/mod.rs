@@ -205,3 +205,17 @@ pub use memory::{
     ReadControlSpace, ReadPhysicalMemory, ReadReply, ReadVirtualMemory, WriteControlSpace,
     WritePhysicalMemory, WriteVirtualMemory,
 };
+
+mod breakpoint;
+mod control;
+mod get_set_context;
+mod msr;
+mod query_memory;
+mod search;
+
+pub use breakpoint::{RestoreBreakPoint, WriteBreakPoint};
+pub use control::{Continue, Continue2, Reboot, SwitchProcessor};
+pub use get_set_context::{ContextBytes, GetContext, GetContextEx, SetContext, SetContextEx};
+pub use msr::{ReadMsr, WriteMsr};
+pub use query_memory::{address_space, query_flags, MemoryInfo, QueryMemory};
+pub use search::{SearchMemory, STATUS_NO_MORE_ENTRIES};

@@ -76,6 +76,12 @@ impl HostIds {
         self.next_send ^= 1;
     }
 
+    /// Steps back to the id of our previous packet, to send it again with the same id: a target
+    /// that ACKed it but dropped it (type damaged on the line) still expects that id.
+    pub fn rewind(&mut self) {
+        self.next_send ^= 1;
+    }
+
     /// Whether `id` is the id a new packet from the target would carry now (used to treat an
     /// early reply as the ACK of our request).
     pub fn is_expected_new(&self, id: u32) -> bool {
@@ -161,6 +167,18 @@ impl TargetIds {
     /// The pending packet was delivered: toggle and clear SYNC.
     pub fn on_sent(&mut self) {
         self.next_send = (self.next_send ^ 1) & !SYNC_PACKET_ID;
+    }
+
+    /// Classifies a host data packet by id without advancing anything (a packet of the wrong
+    /// type is ACKed and dropped with the expected id unchanged).
+    pub fn on_data_peek(&self, id: u32) -> TargetIncoming {
+        if id != INITIAL_PACKET_ID && id != INITIAL_PACKET_ID | 1 {
+            TargetIncoming::Invalid
+        } else if id == self.expected {
+            TargetIncoming::New
+        } else {
+            TargetIncoming::Duplicate
+        }
     }
 
     /// Classifies a host data packet by id, advancing the expected id for a new one.

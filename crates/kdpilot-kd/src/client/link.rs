@@ -1,0 +1,330 @@
+//! The host side of the KDCOM link layer over any byte stream: ACK waits, retransmission,
+//! RESEND, RESET, duplicate suppression (kd-protocol.md 1.4-1.7).
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+use super::{ClientEvent, EventSink, KdError, Timing};
+use crate::wire::consts::BREAKIN_PACKET_BYTE;
+use crate::wire::{packet_type, DecodeEvent, Decoder, HostIds, Incoming, Leader, Packet};
+
+/// Byte and packet counters of a link, for status lines and benchmarks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    /// Bytes written to the target.
+    pub bytes_tx: u64,
+    /// Bytes read from the target.
+    pub bytes_rx: u64,
+    /// Data packets sent (retransmissions included).
+    pub packets_tx: u64,
+    /// Good data packets received (duplicates included).
+    pub packets_rx: u64,
+    /// Our packets sent again (timeout or RESEND).
+    pub retransmits: u64,
+    /// Damaged frames received (checksum, trailer, length, truncation).
+    pub frame_errors: u64,
+    /// Duplicate data packets received and dropped.
+    pub duplicates: u64,
+    /// RESET packets received from the target.
+    pub resets_rx: u64,
+}
+
+/// The link layer: one byte stream, the decoder and the host's packet ids.
+#[derive(Debug)]
+pub struct KdLink<S> {
+    io: S,
+    decoder: Decoder,
+    ids: HostIds,
+    events: VecDeque<DecodeEvent>,
+    /// Good data packets received and ACKed but not yet consumed.
+    inbox: VecDeque<Packet>,
+    last_sent: Option<Packet>,
+    timing: Timing,
+    stats: LinkStats,
+    sink: EventSink,
+    buf: Box<[u8]>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> KdLink<S> {
+    /// Wraps a stream.
+    pub fn new(io: S, timing: Timing, sink: EventSink) -> Self {
+        Self {
+            io,
+            decoder: Decoder::new(),
+            ids: HostIds::new(),
+            events: VecDeque::new(),
+            inbox: VecDeque::new(),
+            last_sent: None,
+            timing,
+            stats: LinkStats::default(),
+            sink,
+            buf: vec![0u8; 4096].into_boxed_slice(),
+        }
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &LinkStats {
+        &self.stats
+    }
+
+    /// The timing in force.
+    pub fn timing(&self) -> &Timing {
+        &self.timing
+    }
+
+    /// The packet-id state (for diagnostics and tests).
+    pub fn ids(&self) -> &HostIds {
+        &self.ids
+    }
+
+    /// Mutable access to the id state (RESET handling lives in the session layer).
+    pub fn ids_mut(&mut self) -> &mut HostIds {
+        &mut self.ids
+    }
+
+    /// The event sink.
+    pub fn sink(&self) -> &EventSink {
+        &self.sink
+    }
+
+    /// Gives the stream back.
+    pub fn into_inner(self) -> S {
+        self.io
+    }
+
+    async fn write_all(&mut self, bytes: &[u8]) -> Result<(), KdError> {
+        self.io.write_all(bytes).await.map_err(KdError::io)?;
+        self.io.flush().await.map_err(KdError::io)?;
+        self.stats.bytes_tx += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Sends a control packet.
+    pub async fn send_control(&mut self, packet: Packet) -> Result<(), KdError> {
+        tracing::trace!(kind = packet_type::name(packet.packet_type), id = format_args!("{:#010x}", packet.id), "tx control");
+        self.write_all(&packet.encode()).await
+    }
+
+    /// Sends the break-in byte.
+    pub async fn send_break_in(&mut self) -> Result<(), KdError> {
+        tracing::debug!("tx break-in");
+        self.write_all(&[BREAKIN_PACKET_BYTE]).await
+    }
+
+    /// Drops everything buffered: bytes already in the stream (read until the line is quiet for
+    /// `quiet`), the decoder's partial frame and decoded-but-unread packets. Stale RESET ACKs in
+    /// a VM pipe otherwise cause endless RESET ping-pong (kd-protocol.md 5).
+    pub async fn discard_input(&mut self, quiet: Duration) -> Result<u64, KdError> {
+        let mut dropped = 0u64;
+        loop {
+            match tokio::time::timeout(quiet, self.io.read(&mut self.buf)).await {
+                Ok(Ok(0)) => return Err(KdError::LinkLost("end of stream".into())),
+                Ok(Ok(n)) => {
+                    dropped += n as u64;
+                    self.stats.bytes_rx += n as u64;
+                }
+                Ok(Err(e)) => return Err(KdError::io(e)),
+                Err(_) => break,
+            }
+        }
+        self.decoder = Decoder::new();
+        self.events.clear();
+        self.inbox.clear();
+        if dropped > 0 {
+            tracing::debug!(dropped, "discarded stale input");
+        }
+        Ok(dropped)
+    }
+
+    /// Next decoder event, reading from the stream until `deadline`. `Ok(None)` on timeout.
+    pub async fn next_event(&mut self, deadline: Instant) -> Result<Option<DecodeEvent>, KdError> {
+        loop {
+            if let Some(ev) = self.events.pop_front() {
+                return Ok(Some(ev));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            // Inside a frame the line may only pause for `inter_byte`.
+            let limit = if self.decoder.is_idle() {
+                deadline
+            } else {
+                deadline.min(now + self.timing.inter_byte + self.timing.transfer(64))
+            };
+            match tokio::time::timeout_at(limit, self.io.read(&mut self.buf)).await {
+                Ok(Ok(0)) => return Err(KdError::LinkLost("the target side closed the connection".into())),
+                Ok(Ok(n)) => {
+                    self.stats.bytes_rx += n as u64;
+                    let mut out = Vec::new();
+                    self.decoder.feed(self.buf.get(..n).unwrap_or(&[]), &mut out);
+                    self.events.extend(out);
+                }
+                Ok(Err(e)) => return Err(KdError::io(e)),
+                Err(_) => {
+                    if let Some(ev) = self.decoder.abandon_partial() {
+                        self.events.push_back(ev);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one event of the link layer itself. Returns the data packet to pass up, if any.
+    /// `waiting_ack` is our unacknowledged packet, if any.
+    async fn absorb(&mut self, ev: DecodeEvent) -> Result<Absorbed, KdError> {
+        match ev {
+            DecodeEvent::BreakIn => Ok(Absorbed::Nothing),
+            DecodeEvent::Error(e) => {
+                self.stats.frame_errors += 1;
+                tracing::debug!(error = %e, "damaged frame, asking for a resend");
+                self.sink.emit(ClientEvent::FrameError(e.to_string()));
+                self.send_control(Packet::resend()).await?;
+                Ok(Absorbed::Nothing)
+            }
+            DecodeEvent::Packet(p) if p.leader == Leader::Control => match p.packet_type {
+                packet_type::KD_ACKNOWLEDGE => Ok(Absorbed::Ack(p.id)),
+                packet_type::KD_RESEND => Ok(Absorbed::Resend),
+                packet_type::KD_RESET => {
+                    self.stats.resets_rx += 1;
+                    // Its id is garbage on real targets (0x0005f863, 0xdeadbeef): never check it.
+                    tracing::debug!(id = format_args!("{:#010x}", p.id), "target sent RESET");
+                    self.ids.reset();
+                    Ok(Absorbed::Reset)
+                }
+                other => {
+                    tracing::debug!(packet_type = other, "ignoring unknown control packet");
+                    Ok(Absorbed::Nothing)
+                }
+            },
+            DecodeEvent::Packet(p) => {
+                self.stats.packets_rx += 1;
+                self.send_control(Packet::ack(p.id)).await?;
+                match self.ids.on_data(p.id) {
+                    Incoming::New => {
+                        tracing::trace!(kind = packet_type::name(p.packet_type), id = format_args!("{:#010x}", p.id), len = p.payload.len(), "rx data");
+                        Ok(Absorbed::Data(p))
+                    }
+                    Incoming::Duplicate => {
+                        self.stats.duplicates += 1;
+                        tracing::debug!(id = format_args!("{:#010x}", p.id), "duplicate packet dropped");
+                        Ok(Absorbed::Nothing)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends a data packet and waits for its ACK, retransmitting on timeout and on RESEND.
+    ///
+    /// A target RESET while waiting restarts the exchange with id 0x80800000. A new data packet
+    /// arriving instead of the ACK means the ACK was lost (the target only answers what it
+    /// received) if it is of `reply_type`: it is kept for [`KdLink::recv`] and the send counts as
+    /// done. Other data packets (a state change resent after a RESET, a DbgPrint) are kept for
+    /// `recv` too, but do not acknowledge anything.
+    pub async fn send(
+        &mut self,
+        ptype: u16,
+        payload: Vec<u8>,
+        reply_type: Option<u16>,
+    ) -> Result<(), KdError> {
+        let mut packet = Packet::data(ptype, self.ids.next_send_id(), payload)
+            .map_err(|e| KdError::Protocol(e.to_string()))?;
+        let mut attempts = 0u32;
+        'transmit: loop {
+            if attempts > self.timing.retries {
+                return Err(KdError::Timeout {
+                    what: format!("the ACK of a {} packet after {} attempts", packet_type::name(ptype), attempts),
+                });
+            }
+            if attempts > 0 {
+                self.stats.retransmits += 1;
+            }
+            attempts += 1;
+            packet.id = self.ids.next_send_id();
+            self.stats.packets_tx += 1;
+            let bytes = packet.encode();
+            self.write_all(&bytes).await?;
+            self.last_sent = Some(packet.clone());
+            let deadline = Instant::now() + self.timing.ack_wait(bytes.len());
+            loop {
+                let Some(ev) = self.next_event(deadline).await? else {
+                    tracing::debug!(attempt = attempts, "no ACK in time, retransmitting");
+                    continue 'transmit;
+                };
+                match self.absorb(ev).await? {
+                    Absorbed::Ack(id) => {
+                        if self.ids.on_ack(id) {
+                            return Ok(());
+                        }
+                    }
+                    Absorbed::Resend => continue 'transmit,
+                    Absorbed::Reset => continue 'transmit,
+                    Absorbed::Data(p) => {
+                        let is_reply = Some(p.packet_type) == reply_type;
+                        self.inbox.push_back(p);
+                        if is_reply {
+                            self.ids.assume_acked();
+                            return Ok(());
+                        }
+                    }
+                    Absorbed::Nothing => {}
+                }
+            }
+        }
+    }
+
+    /// Receives the next new data packet (ACKed), waiting until `deadline`. `Ok(None)` on
+    /// timeout. A RESEND from the target makes us retransmit our last packet; RESET from the
+    /// target is reported as [`Received::Reset`] so the session can re-sequence.
+    pub async fn recv(&mut self, deadline: Instant) -> Result<Option<Received>, KdError> {
+        if let Some(p) = self.inbox.pop_front() {
+            return Ok(Some(Received::Packet(p)));
+        }
+        loop {
+            let Some(ev) = self.next_event(deadline).await? else {
+                return Ok(None);
+            };
+            match self.absorb(ev).await? {
+                Absorbed::Data(p) => return Ok(Some(Received::Packet(p))),
+                Absorbed::Reset => return Ok(Some(Received::Reset)),
+                Absorbed::Resend => {
+                    if let Some(p) = self.last_sent.clone() {
+                        tracing::debug!("target asked for a resend");
+                        self.stats.retransmits += 1;
+                        self.stats.packets_tx += 1;
+                        self.write_all(&p.encode()).await?;
+                    }
+                }
+                Absorbed::Ack(_) | Absorbed::Nothing => {}
+            }
+        }
+    }
+
+    /// Forgets the last packet sent, so a later RESEND does not repeat it (after a Continue the
+    /// target must not see the request again).
+    pub fn forget_last_sent(&mut self) {
+        self.last_sent = None;
+    }
+}
+
+/// What [`KdLink::recv`] yields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Received {
+    /// A new data packet (already ACKed).
+    Packet(Packet),
+    /// The target sent RESET: ids are back to 0x80800000, and a stopped target resends its
+    /// pending packet next.
+    Reset,
+}
+
+enum Absorbed {
+    Nothing,
+    Ack(u32),
+    Resend,
+    Reset,
+    Data(Packet),
+}

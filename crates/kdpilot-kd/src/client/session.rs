@@ -1,0 +1,404 @@
+//! The session as types: connect, stopped, running (kd-protocol.md 3-5).
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+
+use super::link::{KdLink, LinkStats, Received};
+use super::{unsolicited, ClientEvent, EventSink, KdError, Timing};
+use crate::api::{self, Api, Manipulate, MAX_TRANSFER};
+use crate::state_change::StateChange;
+use crate::kddebugger_data::{DebugDataHeader64, KdDebuggerData64, DEBUG_DATA_HEADER_SIZE};
+use crate::version::GetVersion64;
+use crate::wire::packet_type;
+use crate::Arch;
+
+/// How a [`Connection`] behaves.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Timeouts (scale them with the line rate: [`Timing::for_baud`]).
+    pub timing: Timing,
+    /// RESET packets to send while synchronising; 0 = unlimited (kd's `resets=0`, for VM
+    /// pipes that drop bytes).
+    pub resets: u32,
+    /// Send the break-in byte if the target does not report a stop by itself.
+    pub break_in: bool,
+    /// What to answer a DbgPrompt with ("i" = ignore, the answer that keeps an assertion or
+    /// verifier prompt from stopping the machine).
+    pub prompt_answer: String,
+    /// Where [`ClientEvent`]s go.
+    pub sink: EventSink,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            timing: Timing::default(),
+            resets: 5,
+            break_in: true,
+            prompt_answer: "i".into(),
+            sink: EventSink::none(),
+        }
+    }
+}
+
+/// A link to a target whose state is not known yet.
+#[derive(Debug)]
+pub struct Connection<S> {
+    link: KdLink<S>,
+    config: ClientConfig,
+    version: Option<GetVersion64>,
+}
+
+/// A stopped target: it serves requests until it is resumed.
+#[derive(Debug)]
+pub struct Stopped<S> {
+    conn: Connection<S>,
+    state: StateChange,
+    raw: Vec<u8>,
+}
+
+/// A running target: it can only report a stop or be broken into.
+#[derive(Debug)]
+pub struct Running<S> {
+    conn: Connection<S>,
+    /// Payload of the state change we last continued from (to spot a resend of it).
+    last_stop: Option<Vec<u8>>,
+}
+
+/// Result of [`Running::wait_stop`].
+#[derive(Debug)]
+pub enum WaitOutcome<S> {
+    /// The target reported a stop.
+    Stopped(Stopped<S>),
+    /// Nothing happened before the timeout.
+    StillRunning(Running<S>),
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    /// Wraps an open byte stream.
+    pub fn new(io: S, config: ClientConfig) -> Self {
+        let link = KdLink::new(io, config.timing.clone(), config.sink.clone());
+        Self {
+            link,
+            config,
+            version: None,
+        }
+    }
+
+    /// Link counters.
+    pub fn stats(&self) -> &LinkStats {
+        self.link.stats()
+    }
+
+    /// Synchronises with the target and gets it stopped: discards stale input, sends RESET
+    /// (repeatedly while nothing answers), sends the break-in byte if no stop is reported, and
+    /// returns the stopped target with its version read. A stop that arrives twice (with the
+    /// SYNC id, then again after our RESET) is processed once.
+    pub async fn connect(mut self, timeout: Duration) -> Result<Stopped<S>, KdError> {
+        let overall = Instant::now() + timeout;
+        let timing = self.config.timing.clone();
+        self.link.discard_input(Duration::from_millis(50)).await?;
+        self.link.ids_mut().forget_expected();
+        let mut synced = false;
+        let mut resets_sent = 0u32;
+        let mut breaks_sent = 0u32;
+        let mut stop: Option<Vec<u8>> = None;
+        let round = timing.latency * 2 + timing.transfer(600);
+        loop {
+            if Instant::now() >= overall {
+                return Err(KdError::Timeout {
+                    what: if stop.is_some() || synced {
+                        "the target to finish synchronising".into()
+                    } else {
+                        "any answer from the target (is it booted with debugging on, and are port and baud right?)".into()
+                    },
+                });
+            }
+            // A stopped target whose ids we do not know yet always gets another RESET: it answers
+            // by resending its state change with id 0x80800000.
+            let budget_left = self.config.resets == 0 || resets_sent < self.config.resets.max(1);
+            if !synced && (stop.is_some() || budget_left) {
+                self.link.send_control(crate::wire::Packet::reset()).await?;
+                resets_sent += 1;
+            }
+            // Break in only when nothing says the target is stopped: a 'b' that reaches a stopped
+            // target makes it break again right after the next continue.
+            if self.config.break_in && stop.is_none() && (resets_sent > 1 || synced || breaks_sent > 0) {
+                self.link.send_break_in().await?;
+                breaks_sent += 1;
+            }
+            let deadline = (Instant::now() + round).min(overall);
+            while let Some(rx) = self.link.recv(deadline).await? {
+                match rx {
+                    Received::Reset => {
+                        synced = true;
+                        self.config.sink.emit(ClientEvent::Resynchronised);
+                    }
+                    Received::Packet(p) if p.packet_type == packet_type::KD_STATE_CHANGE64 => {
+                        if synced {
+                            let state = StateChange::parse(&p.payload)?;
+                            let mut stopped = Stopped { conn: self, state, raw: p.payload };
+                            stopped.refresh_version().await?;
+                            return Ok(stopped);
+                        }
+                        stop = Some(p.payload);
+                    }
+                    Received::Packet(p) => {
+                        unsolicited::handle(&mut self.link, &self.config, p).await?;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Stopped<S> {
+    /// The state change that reported this stop.
+    pub fn state(&self) -> &StateChange {
+        &self.state
+    }
+
+    /// The version read at connect (or by [`Stopped::refresh_version`]).
+    pub fn version(&self) -> Option<&GetVersion64> {
+        self.conn.version.as_ref()
+    }
+
+    /// The target's architecture (AMD64 until a version says otherwise).
+    pub fn arch(&self) -> Arch {
+        self.conn.version.as_ref().and_then(GetVersion64::arch).unwrap_or(Arch::Amd64)
+    }
+
+    /// Link counters.
+    pub fn stats(&self) -> &LinkStats {
+        self.conn.link.stats()
+    }
+
+    /// Asks the target for its version again (after a reboot: new kernel base).
+    pub async fn refresh_version(&mut self) -> Result<&GetVersion64, KdError> {
+        let v = self.request(&api::GetVersion).await?;
+        if v.arch().is_none() {
+            return Err(KdError::Protocol(format!(
+                "target machine type {:#06x} is not x64 or x86: kdpilot drives only those",
+                v.machine_type
+            )));
+        }
+        Ok(self.conn.version.insert(v))
+    }
+
+    /// Sends one request to the processor that reported the stop and returns its decoded reply.
+    pub async fn request<A: Api>(&mut self, req: &A) -> Result<A::Reply, KdError> {
+        let cpu = self.state.processor;
+        self.request_on(cpu, req).await
+    }
+
+    /// Sends one request to `processor` and returns its decoded reply.
+    ///
+    /// If no reply comes, the same packet is sent again with the same id: a target that got
+    /// the packet with its type damaged ACKs and drops it without moving its expected id
+    /// (kd-protocol.md 9). After a target RESET it is sent again with the new id.
+    pub async fn request_on<A: Api>(&mut self, processor: u16, req: &A) -> Result<A::Reply, KdError> {
+        debug_assert!(A::HAS_REPLY, "use resume/reboot for APIs without a reply");
+        let arch = self.arch();
+        let mut m = req.encode_request(arch);
+        m.processor = processor;
+        let payload = m.encode();
+        let timing = self.conn.link.timing().clone();
+        let wait = timing.reply_wait(payload.len() + 17, crate::wire::consts::PACKET_MAX_SIZE);
+        let mut resend_same_id = false;
+        for _attempt in 0..=timing.retries.min(3) {
+            if resend_same_id {
+                self.conn.link.ids_mut().rewind();
+            }
+            self.conn
+                .link
+                .send(packet_type::KD_STATE_MANIPULATE, payload.clone(), Some(packet_type::KD_STATE_MANIPULATE))
+                .await?;
+            let deadline = Instant::now() + wait;
+            resend_same_id = true;
+            loop {
+                let Some(rx) = self.conn.link.recv(deadline).await? else {
+                    tracing::debug!(api = api::number::name(A::NUMBER), "no reply, sending the request again");
+                    break;
+                };
+                match rx {
+                    Received::Reset => {
+                        resend_same_id = false;
+                        break;
+                    }
+                    Received::Packet(p) => match p.packet_type {
+                        packet_type::KD_STATE_MANIPULATE => {
+                            let reply = Manipulate::parse(&p.payload)?;
+                            if reply.api != A::NUMBER {
+                                tracing::debug!(got = reply.api, want = A::NUMBER, "stale reply ignored");
+                                continue;
+                            }
+                            return Ok(req.decode_reply(&reply, arch)?);
+                        }
+                        packet_type::KD_STATE_CHANGE64 => {
+                            if p.payload != self.raw {
+                                return Err(KdError::Protocol(
+                                    "the target reported a new stop while serving a request".into(),
+                                ));
+                            }
+                            // The same stop again, resent after a RESET: already handled.
+                        }
+                        _ => unsolicited::handle(&mut self.conn.link, &self.conn.config, p).await?,
+                    },
+                }
+            }
+        }
+        Err(KdError::Timeout {
+            what: format!("the reply to {}", api::number::name(A::NUMBER)),
+        })
+    }
+
+    /// Reads `len` bytes of virtual memory in packet-sized chunks. Stops early (short result)
+    /// at the first chunk the target could not read completely.
+    pub async fn read_virtual(&mut self, address: u64, len: usize) -> Result<Vec<u8>, KdError> {
+        let mut out = Vec::with_capacity(len);
+        while out.len() < len {
+            let n = (len - out.len()).min(MAX_TRANSFER);
+            let chunk = self
+                .request(&api::ReadVirtualMemory {
+                    address: address.wrapping_add(out.len() as u64),
+                    count: n as u32,
+                })
+                .await;
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(KdError::Payload(crate::PayloadError::Failed { .. })) if !out.is_empty() => break,
+                Err(e) => return Err(e),
+            };
+            let got = chunk.data.len();
+            out.extend_from_slice(&chunk.data);
+            if got < n {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Follows DBGKD_GET_VERSION64.DebuggerDataList to KDDEBUGGER_DATA64 (kd-protocol.md 2.3).
+    /// Returns its address and contents, or `None` when the version has no data list or the
+    /// block does not carry the 'KDBG' tag (encoded, or not there). The size the target
+    /// claims is bounded to 4 KiB.
+    pub async fn read_debugger_data(&mut self) -> Result<Option<(u64, KdDebuggerData64)>, KdError> {
+        const MAX_KDBG: usize = 0x1000;
+        let arch = self.arch();
+        let Some(v) = self.conn.version.clone() else {
+            return Ok(None);
+        };
+        if !v.has_debugger_data() {
+            return Ok(None);
+        }
+        let head = self.read_virtual(v.debugger_data_list, arch.pointer_size()).await?;
+        let Some(flink) = read_pointer(&head, arch) else {
+            return Ok(None);
+        };
+        let hdr = self.read_virtual(flink, DEBUG_DATA_HEADER_SIZE).await?;
+        let Ok(header) = DebugDataHeader64::parse(&hdr) else {
+            return Ok(None);
+        };
+        if !header.is_kdbg() {
+            return Ok(None);
+        }
+        let size = (header.size as usize).clamp(DEBUG_DATA_HEADER_SIZE, MAX_KDBG);
+        let bytes = self.read_virtual(flink, size).await?;
+        Ok(KdDebuggerData64::parse(&bytes).ok().map(|d| (flink, d)))
+    }
+
+    /// Resumes the target with a Continue2 (the request WinDbg sends) and returns it running.
+    pub async fn resume(self, cont: &api::Continue2) -> Result<Running<S>, KdError> {
+        let arch = self.arch();
+        self.resume_with(cont.encode_request(arch)).await
+    }
+
+    /// Resumes with the old DbgKdContinueApi (what WinDbg answers an "unload all" stop with).
+    pub async fn continue_old(self, status: u32) -> Result<Running<S>, KdError> {
+        let arch = self.arch();
+        self.resume_with(api::Continue { status }.encode_request(arch)).await
+    }
+
+    async fn resume_with(mut self, mut m: Manipulate) -> Result<Running<S>, KdError> {
+        m.processor = self.state.processor;
+        self.conn.link.send(packet_type::KD_STATE_MANIPULATE, m.encode(), None).await?;
+        Ok(Running { conn: self.conn, last_stop: Some(self.raw) })
+    }
+
+    /// Reboots the target (no reply: it goes down; expect an "unload all" stop or silence).
+    pub async fn reboot(mut self) -> Result<Running<S>, KdError> {
+        let m = api::Reboot.encode_request(self.arch());
+        self.conn.link.send(packet_type::KD_STATE_MANIPULATE, m.encode(), None).await?;
+        Ok(Running { conn: self.conn, last_stop: None })
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Running<S> {
+    /// Link counters.
+    pub fn stats(&self) -> &LinkStats {
+        self.conn.link.stats()
+    }
+
+    /// Waits up to `timeout` for the target to report a stop, handling prints, prompts and file
+    /// requests on the way.
+    pub async fn wait_stop(mut self, timeout: Duration) -> Result<WaitOutcome<S>, KdError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let Some(rx) = self.conn.link.recv(deadline).await? else {
+                return Ok(WaitOutcome::StillRunning(self));
+            };
+            match rx {
+                Received::Reset => self.conn.config.sink.emit(ClientEvent::Resynchronised),
+                Received::Packet(p) if p.packet_type == packet_type::KD_STATE_CHANGE64 => {
+                    let state = StateChange::parse(&p.payload)?;
+                    if self.last_stop.as_deref() == Some(&p.payload[..]) {
+                        tracing::debug!("the stop we continued from was reported again");
+                    }
+                    return Ok(WaitOutcome::Stopped(Stopped { conn: self.conn, state, raw: p.payload }));
+                }
+                Received::Packet(p) => unsolicited::handle(&mut self.conn.link, &self.conn.config, p).await?,
+            }
+        }
+    }
+
+    /// Sends the break-in byte and waits for the stop; sends it again (at most once a second)
+    /// while the target stays silent.
+    pub async fn break_in(mut self, timeout: Duration) -> Result<Stopped<S>, KdError> {
+        let deadline = Instant::now() + timeout;
+        let every = self.conn.link.timing().latency * 2 + self.conn.link.timing().transfer(600);
+        loop {
+            if Instant::now() >= deadline {
+                return Err(KdError::Timeout { what: "the target to stop after a break-in".into() });
+            }
+            self.conn.link.send_break_in().await?;
+            let wait = every.max(Duration::from_secs(1)).min(deadline - Instant::now());
+            match self.wait_stop(wait).await? {
+                WaitOutcome::Stopped(s) => return Ok(s),
+                WaitOutcome::StillRunning(r) => self = r,
+            }
+        }
+    }
+
+    /// Gives the connection back (for a fresh [`Connection::connect`] after trouble).
+    pub fn into_connection(self) -> Connection<S> {
+        self.conn
+    }
+}
+
+impl<S> Stopped<S> {
+    /// Gives the connection back without resuming (the target stays stopped).
+    pub fn into_connection(self) -> Connection<S> {
+        self.conn
+    }
+}
+
+/// A pointer of the target's width from the start of `bytes`, canonical (sign-extended on x86).
+fn read_pointer(bytes: &[u8], arch: Arch) -> Option<u64> {
+    let f = crate::wire::bytes::Fields::new(bytes, "pointer");
+    match arch {
+        Arch::Amd64 => f.u64(0).ok(),
+        Arch::X86 => f.u32(0).ok().map(|v| arch.canonical_address(u64::from(v))),
+    }
+}
