@@ -1,1 +1,5 @@
-//! End-to-end tests.
+//! End-to-end tests: the KD client against the simulated target, in one test binary.
+//! Everything runs in-process over `tokio::io::duplex` (or loopback), bounded in time.
+
+mod client_sim;
+mod support;

@@ -1,11 +1,9 @@
-/* bcryptprimitives.dll for wine 8.0, which lacks ProcessPrng (imported by Rust's std on windows-gnu).
-   Built by `cargo xtask windows-check` with mingw and placed next to the .exe under test. */
+/* bcryptprimitives.dll shim: wine 8.0 lacks ProcessPrng, which Rust's std (windows-gnu) imports. */
 #include <windows.h>
-
-BOOLEAN WINAPI SystemFunction036(PVOID buffer, ULONG length); /* advapi32 RtlGenRandom */
+BOOLEAN WINAPI SystemFunction036(PVOID buffer, ULONG length); /* advapi32's RtlGenRandom */
 
 __declspec(dllexport) BOOL WINAPI ProcessPrng(PBYTE data, SIZE_T len) {
-    for (; len > 0x80000000u; data += 0x80000000u, len -= 0x80000000u)
-        if (!SystemFunction036(data, 0x80000000u)) return FALSE;
+    for (; len > 0x40000000u; data += 0x40000000u, len -= 0x40000000u)
+        if (!SystemFunction036(data, 0x40000000u)) return FALSE;
     return SystemFunction036(data, (ULONG)len);
 }

@@ -5,9 +5,10 @@
 //! [`CliError`], directly or through [`ResultExt`]:
 //!
 //! ```ignore
-//! let tag = PoolTag::parse(arg).usage_err()?;                  // exit 2
-//! let link = connect(&endpoint).await.context("opening COM1").target_err()?; // exit 3
-//! return Err(CliError::usage(anyhow!("--out needs a file name")).into());
+//! let tag = parse_arg(arg, false).usage_err()?;                      // exit 2
+//! let link = open(&endpoint).await.context("opening COM1").target_err()?; // exit 3
+//! let endpoint: Endpoint = text.parse().map_err(CliError::usage)?;     // exit 2
+//! return Err(CliError::target(anyhow!("the target stopped answering")).into()); // exit 3
 //! ```
 //!
 //! The marker is transparent: it prints exactly like the error it wraps, and it is found anywhere
@@ -178,8 +179,7 @@ mod tests {
 
     #[test]
     fn marker_survives_added_context() {
-        let error: anyhow::Error = CliError::new(ErrorKind::Target, anyhow!("timed out"))
-            .into();
+        let error: anyhow::Error = CliError::new(ErrorKind::Target, anyhow!("timed out")).into();
         let error = error.context("probing com:port=COM1");
         assert_eq!(kind_of(&error), ErrorKind::Target);
         assert_eq!(kind_of(&error).exit_code(), 3);
@@ -203,9 +203,11 @@ mod tests {
     #[test]
     fn marker_is_invisible_in_the_printed_chain() {
         let root = io::Error::new(io::ErrorKind::NotFound, "no such port");
-        let marked: anyhow::Error =
-            CliError::new(ErrorKind::Target, anyhow::Error::new(root).context("opening COM1"))
-                .into();
+        let marked: anyhow::Error = CliError::new(
+            ErrorKind::Target,
+            anyhow::Error::new(root).context("opening COM1"),
+        )
+        .into();
         let error = marked.context("probe failed");
         assert_eq!(
             printed(&error),

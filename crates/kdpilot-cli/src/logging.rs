@@ -67,7 +67,11 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        write!(writer, "kdpilot: {}", level_prefix(*event.metadata().level()))?;
+        write!(
+            writer,
+            "kdpilot: {}",
+            level_prefix(*event.metadata().level())
+        )?;
         ctx.field_format().format_fields(writer.by_ref(), event)?;
         writeln!(writer)
     }

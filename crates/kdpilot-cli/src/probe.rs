@@ -82,7 +82,11 @@ async fn identify<S: AsyncRead + AsyncWrite + Unpin>(
         "uniprocessor"
     };
     let sc = stopped.state().clone();
-    writeln!(out, "target          Windows build {} {kind}, {arch}, {mp}", v.minor_version)?;
+    writeln!(
+        out,
+        "target          Windows build {} {kind}, {arch}, {mp}",
+        v.minor_version
+    )?;
     writeln!(
         out,
         "protocol        KD version {}, secondary {}, flags {:#06x}",
@@ -120,7 +124,10 @@ async fn identify<S: AsyncRead + AsyncWrite + Unpin>(
                 .map(|b| format!("{b:#018x}"))
                 .unwrap_or_else(|| "missing".into())
         )?,
-        Ok(None) => writeln!(out, "KDBG            not found (no data list, or the block is encoded)")?,
+        Ok(None) => writeln!(
+            out,
+            "KDBG            not found (no data list, or the block is encoded)"
+        )?,
         Err(e) if !e.is_fatal() => writeln!(out, "KDBG            unreadable: {e}")?,
         Err(e) => return Err(e).context("reading KDDEBUGGER_DATA64"),
     }
@@ -130,6 +137,10 @@ async fn identify<S: AsyncRead + AsyncWrite + Unpin>(
         .resume(&Continue2::go().with_dr7(dr7))
         .await
         .context("resuming the target")?;
-    writeln!(out, "resumed         the target is running (link: {} bytes sent, {} received)", stats.bytes_tx, stats.bytes_rx)?;
+    writeln!(
+        out,
+        "resumed         the target is running (link: {} bytes sent, {} received)",
+        stats.bytes_tx, stats.bytes_rx
+    )?;
     Ok(out)
 }

@@ -17,7 +17,13 @@ fn machine(arch: Arch) -> Machine {
 
 async fn run_probe(target: &str, timeout_secs: u32) -> Output {
     let child = Command::new(env!("CARGO_BIN_EXE_kdpilot"))
-        .args(["probe", "--target", target, "--timeout", &timeout_secs.to_string()])
+        .args([
+            "probe",
+            "--target",
+            target,
+            "--timeout",
+            &timeout_secs.to_string(),
+        ])
         .kill_on_drop(true)
         .output();
     tokio::time::timeout(LIMIT, child)
@@ -30,13 +36,31 @@ fn check_report(out: &Output, arch: Arch) {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "probe failed: {stderr}\n{stdout}");
-    assert!(stdout.contains("Windows build 19041 free kernel"), "{stdout}");
-    assert!(stdout.contains(&format!(", {arch}, multiprocessor")), "{stdout}");
+    assert!(
+        stdout.contains("Windows build 19041 free kernel"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(", {arch}, multiprocessor")),
+        "{stdout}"
+    );
     let base = arch.canonical_address(0xfffff806_1f200000);
-    assert!(stdout.contains(&format!("kernel base     {base:#018x}")), "{stdout}");
-    assert!(stdout.contains(&format!("KDBG            found at {:#018x}", base + 0x20000)), "{stdout}");
+    assert!(
+        stdout.contains(&format!("kernel base     {base:#018x}")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "KDBG            found at {:#018x}",
+            base + 0x20000
+        )),
+        "{stdout}"
+    );
     assert!(stdout.contains("(break-in)"), "{stdout}");
-    assert!(stdout.contains("resumed         the target is running"), "{stdout}");
+    assert!(
+        stdout.contains("resumed         the target is running"),
+        "{stdout}"
+    );
 }
 
 async fn probe_over_tcp(arch: Arch, options: TargetOptions) -> (Output, Machine) {
@@ -105,11 +129,17 @@ async fn probe_over_a_unix_socket() {
     let target = tokio::spawn(async move {
         let (sock, _) = listener.accept().await.unwrap();
         let mut m = machine(Arch::Amd64);
-        serve(sock, &mut m, &TargetOptions::default()).await.unwrap();
+        serve(sock, &mut m, &TargetOptions::default())
+            .await
+            .unwrap();
         m
     });
     // kd's own syntax for a VM pipe, as VirtualBox/VMware/QEMU expose it on a Linux host.
-    let out = run_probe(&format!("com:pipe,port={},resets=0,reconnect", path.display()), 20).await;
+    let out = run_probe(
+        &format!("com:pipe,port={},resets=0,reconnect", path.display()),
+        20,
+    )
+    .await;
     check_report(&out, Arch::Amd64);
     let m = tokio::time::timeout(LIMIT, target).await.unwrap().unwrap();
     assert!(m.running);
@@ -150,8 +180,14 @@ async fn silent_target_is_a_target_error_with_exit_code_3() {
     hold.abort();
     assert_eq!(out.status.code(), Some(3));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("kdpilot: error: no KD target answered on"), "{stderr}");
-    assert!(stderr.contains("is it booted with debugging on"), "{stderr}");
+    assert!(
+        stderr.contains("kdpilot: error: no KD target answered on"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("is it booted with debugging on"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]

@@ -11,7 +11,12 @@
 //! the tests.
 #![cfg_attr(
     not(test),
-    warn(clippy::indexing_slicing, clippy::unwrap_used, clippy::panic, clippy::expect_used)
+    warn(
+        clippy::indexing_slicing,
+        clippy::unwrap_used,
+        clippy::panic,
+        clippy::expect_used
+    )
 )]
 
 pub mod api;

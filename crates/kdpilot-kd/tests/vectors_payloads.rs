@@ -101,12 +101,13 @@ fn reply_fn(api: u32) -> Option<ReplyFn> {
 /// Bytes of a host request that the typed request defines (besides the ApiNumber and, except
 /// for ReadVirtualMemory, ReturnStatus). WinDbg fills everything else from an uninitialised
 /// buffer, so only these must match when a typed request is re-encoded.
+#[allow(clippy::single_range_in_vec_init)]
 fn defined(api: u32) -> Vec<std::ops::Range<usize>> {
     match api {
         // TargetBaseAddress, TransferCount, ActualBytes (0 in a request), data.
-        number::READ_VIRTUAL_MEMORY
-        | number::READ_CONTROL_SPACE
-        | number::WRITE_CONTROL_SPACE => vec![16..28, 56..usize::MAX],
+        number::READ_VIRTUAL_MEMORY | number::READ_CONTROL_SPACE | number::WRITE_CONTROL_SPACE => {
+            vec![16..28, 56..usize::MAX]
+        }
         // Nothing: the union is unused (WinDbg leaves GetContextEx's 0x4D0 ByteCount in it).
         number::GET_VERSION | number::GET_CONTEXT => vec![56..usize::MAX],
         // ContextFlags and the CONTEXT.
@@ -132,26 +133,42 @@ fn manipulate_packets() {
     let mut last_request: std::collections::HashMap<u32, Manipulate> = Default::default();
     let mut exact = Vec::new();
     let mut n = 0;
-    for x in v.iter().filter(|x| x.packet_type == packet_type::KD_STATE_MANIPULATE) {
+    for x in v
+        .iter()
+        .filter(|x| x.packet_type == packet_type::KD_STATE_MANIPULATE)
+    {
         n += 1;
         let m = Manipulate::parse(&x.payload).unwrap_or_else(|e| panic!("frame {}: {e}", x.frame));
-        assert_eq!(m.encode(), x.payload, "frame {}: generic re-encode", x.frame);
+        assert_eq!(
+            m.encode(),
+            x.payload,
+            "frame {}: generic re-encode",
+            x.frame
+        );
         if x.host_to_target {
             // WinDbg puts STATUS_PENDING in ReturnStatus, except: Continue/Continue2 copy the
             // ContinueStatus there, and ReadVirtualMemory requests carry whatever was in the
             // buffer (0, 1, 0x10, 0x4e, 0x80000000, stack addresses...).
-            let f = request_fn(m.api)
-                .unwrap_or_else(|| panic!("frame {}: api {:#x}", x.frame, m.api));
+            let f =
+                request_fn(m.api).unwrap_or_else(|| panic!("frame {}: api {:#x}", x.frame, m.api));
             let mut typed = f(&m).unwrap_or_else(|e| panic!("frame {}: {e}", x.frame));
             if m.api == number::READ_VIRTUAL_MEMORY {
                 typed.return_status = m.return_status;
             } else {
-                assert_eq!(typed.return_status, m.return_status, "frame {}: ReturnStatus", x.frame);
+                assert_eq!(
+                    typed.return_status, m.return_status,
+                    "frame {}: ReturnStatus",
+                    x.frame
+                );
                 let want = match m.api {
                     number::CONTINUE | number::CONTINUE2 => m.body().u32(0).unwrap(),
                     _ => 0x103,
                 };
-                assert_eq!(m.return_status, want, "frame {}: WinDbg's ReturnStatus", x.frame);
+                assert_eq!(
+                    m.return_status, want,
+                    "frame {}: WinDbg's ReturnStatus",
+                    x.frame
+                );
             }
             typed.processor_level = m.processor_level;
             typed.processor = m.processor;
@@ -192,8 +209,14 @@ fn manipulate_packets() {
 #[test]
 fn state_change_packets() {
     let v = vectors();
-    let sc: Vec<_> = v.iter().filter(|x| x.packet_type == packet_type::KD_STATE_CHANGE64).collect();
-    assert_eq!(sc.iter().map(|x| x.frame).collect::<Vec<_>>(), [8, 378, 952]);
+    let sc: Vec<_> = v
+        .iter()
+        .filter(|x| x.packet_type == packet_type::KD_STATE_CHANGE64)
+        .collect();
+    assert_eq!(
+        sc.iter().map(|x| x.frame).collect::<Vec<_>>(),
+        [8, 378, 952]
+    );
     for x in sc {
         let s = StateChange::parse(&x.payload).unwrap_or_else(|e| panic!("frame {}: {e}", x.frame));
         assert_eq!(s.encode(), x.payload, "frame {}: re-encode", x.frame);
@@ -209,7 +232,10 @@ fn state_change_packets() {
 fn debug_io_packets() {
     let v = vectors();
     let mut n = 0;
-    for x in v.iter().filter(|x| x.packet_type == packet_type::KD_DEBUG_IO) {
+    for x in v
+        .iter()
+        .filter(|x| x.packet_type == packet_type::KD_DEBUG_IO)
+    {
         n += 1;
         assert!(!x.host_to_target);
         let d = DebugIo::parse(&x.payload).unwrap_or_else(|e| panic!("frame {}: {e}", x.frame));
@@ -231,7 +257,10 @@ fn debug_io_packets() {
 #[test]
 fn file_io_packets_and_windbg_replies() {
     let v = vectors();
-    let fio: Vec<_> = v.iter().filter(|x| x.packet_type == packet_type::KD_FILE_IO).collect();
+    let fio: Vec<_> = v
+        .iter()
+        .filter(|x| x.packet_type == packet_type::KD_FILE_IO)
+        .collect();
     assert_eq!(fio.len(), 66);
     let mut pending: Option<FileIo> = None;
     for x in fio {
@@ -243,16 +272,30 @@ fn file_io_packets_and_windbg_replies() {
         if x.host_to_target {
             // WinDbg's answer is exactly reply_no_such_file() of the request before it.
             let req = pending.take().expect("reply without a request");
-            assert_eq!(req.reply_no_such_file().encode(), x.payload, "frame {}", x.frame);
+            assert_eq!(
+                req.reply_no_such_file().encode(),
+                x.payload,
+                "frame {}",
+                x.frame
+            );
             assert_eq!(c.status, 0xC000_000F);
         } else {
-            assert!(pending.is_none(), "frame {}: two requests in a row", x.frame);
+            assert!(
+                pending.is_none(),
+                "frame {}: two requests in a row",
+                x.frame
+            );
             assert_eq!(c.status, 0);
             let name = f.file_name().unwrap();
             assert!(!name.is_empty(), "frame {}", x.frame);
             assert_eq!(c.name_str(), name);
             // The name is NUL-terminated UTF-16 filling the rest of the packet.
-            assert_eq!(kdpilot_kd::file_io::utf16z(&name), f.data, "frame {}", x.frame);
+            assert_eq!(
+                kdpilot_kd::file_io::utf16z(&name),
+                f.data,
+                "frame {}",
+                x.frame
+            );
             pending = Some(f);
         }
     }

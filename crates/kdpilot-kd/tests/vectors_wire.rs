@@ -64,7 +64,12 @@ fn vector_set_is_complete() {
     assert_eq!(v.len(), 527);
     for x in &v {
         assert_eq!(x.count as usize, x.payload.len(), "frame {}", x.frame);
-        assert_eq!(checksum(&x.payload), x.checksum, "frame {}: checksum", x.frame);
+        assert_eq!(
+            checksum(&x.payload),
+            x.checksum,
+            "frame {}: checksum",
+            x.frame
+        );
     }
 }
 
@@ -120,7 +125,14 @@ fn every_packet_alone_and_reencoded() {
         let [DecodeEvent::Packet(p)] = &ev[..] else {
             panic!("frame {}: {ev:?}", v.frame)
         };
-        assert_eq!(p.wire_checksum(), if v.leader == DATA_LEADER { v.checksum } else { 0 });
+        assert_eq!(
+            p.wire_checksum(),
+            if v.leader == DATA_LEADER {
+                v.checksum
+            } else {
+                0
+            }
+        );
         // The crate's encoder reproduces the KDCOM bytes built independently above.
         assert_eq!(p.encode(), wire, "frame {}: encode", v.frame);
     }

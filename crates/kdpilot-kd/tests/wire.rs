@@ -170,7 +170,10 @@ fn abandon_partial_reports_truncation() {
     assert!(ev.is_empty());
     assert_eq!(
         d.abandon_partial(),
-        Some(DecodeEvent::Error(FrameError::Truncated { received: 10 }))
+        Some(DecodeEvent::Error(FrameError::Truncated {
+            received: 10,
+            id: None
+        }))
     );
     d.feed(&hand_data_packet(), &mut ev);
     assert_eq!(ev.len(), 1);
@@ -227,7 +230,11 @@ fn target_ids_follow_the_sheet() {
 
 fn arb_packet() -> impl Strategy<Value = Packet> {
     prop_oneof![
-        (0u16..12, any::<u32>(), proptest::collection::vec(any::<u8>(), 0..300))
+        (
+            0u16..12,
+            any::<u32>(),
+            proptest::collection::vec(any::<u8>(), 0..300)
+        )
             .prop_map(|(t, id, p)| Packet::data(t, id, p).unwrap()),
         (4u16..7, any::<u32>()).prop_map(|(t, id)| Packet::control(t, id)),
     ]

@@ -4,7 +4,10 @@
 //! Wire structures are laid out here from the sheet's offsets directly (not through the
 //! client's encoders), so a shared mistake between client and simulator cannot pass the tests.
 
-use kdpilot_kd::api::{number, Api, GetVersion, Manipulate, ReadReply, ReadVirtualMemory, WriteVirtualMemory};
+use kdpilot_kd::api::{
+    number, Api, ContextBytes, GetContext, GetContextEx, GetVersion, Manipulate, ReadReply,
+    ReadVirtualMemory, RestoreBreakPoint, SetContext, WriteBreakPoint, WriteVirtualMemory,
+};
 use kdpilot_kd::context::Context;
 use kdpilot_kd::state_change::{Amd64ControlReport, ControlReport, StateChange, X86ControlReport};
 use kdpilot_kd::version::GetVersion64;
@@ -79,6 +82,8 @@ pub struct Machine {
     pub running: bool,
     /// How many times the kernel entered the debugger.
     pub stops: u64,
+    /// What the host answered to the kernel's chatter.
+    pub chatter_log: crate::target::ChatterLog,
 }
 
 impl Machine {
@@ -105,6 +110,7 @@ impl Machine {
             context_sent: false,
             running: true,
             stops: 0,
+            chatter_log: Default::default(),
         };
         m.build_kernel();
         m
@@ -134,7 +140,8 @@ impl Machine {
         self.memory.write_u64(kdbg + 0x20, l.break_instruction);
         self.memory.write_u64(kdbg + 0x48, l.ps_loaded_module_list);
         self.memory.write_u64(kdbg + 0x138, l.kern_base + 0x22000); // MmPageSize -> 0x1000
-        self.memory.write_u32(l.kern_base + 0x22000, PAGE_SIZE as u32);
+        self.memory
+            .write_u32(l.kern_base + 0x22000, PAGE_SIZE as u32);
         // KdpDebuggerDataListHead: a one-entry circular list.
         let head = self.ptr(kdbg);
         self.memory.write(l.debugger_data_list, &head);
@@ -221,6 +228,57 @@ impl Machine {
         self.stops += 1;
     }
 
+    fn cpu(&self, req: &Manipulate) -> Option<&Context> {
+        self.contexts.get(usize::from(req.processor))
+    }
+
+    /// Plants an int3 (KdpAddBreakpoint): returns the 1-based handle, 0 when the table is full
+    /// or the address is unmapped (the real kernel defers those; not modelled yet).
+    pub fn add_breakpoint(&mut self, address: u64) -> u32 {
+        if let Some(i) = self
+            .breakpoints
+            .iter()
+            .position(|b| b.is_some_and(|b| b.address == address))
+        {
+            return i as u32 + 1;
+        }
+        let Some(slot) = self.breakpoints.iter().position(Option::is_none) else {
+            return 0;
+        };
+        let Some(&saved) = self.memory.read(address, 1).first() else {
+            return 0;
+        };
+        self.memory.write(address, &[0xCC]);
+        if let Some(b) = self.breakpoints.get_mut(slot) {
+            *b = Some(Breakpoint { address, saved });
+        }
+        slot as u32 + 1
+    }
+
+    /// Removes a breakpoint by handle, restoring the byte; false if the handle is not in use.
+    pub fn remove_breakpoint(&mut self, handle: u32) -> bool {
+        let Some(entry) = (handle as usize)
+            .checked_sub(1)
+            .and_then(|i| self.breakpoints.get_mut(i))
+        else {
+            return false;
+        };
+        let Some(bp) = entry.take() else {
+            return false;
+        };
+        self.memory.write(bp.address, &[bp.saved]);
+        true
+    }
+
+    /// Addresses that still hold a debugger int3.
+    pub fn planted(&self) -> Vec<u64> {
+        self.breakpoints
+            .iter()
+            .flatten()
+            .map(|b| b.address)
+            .collect()
+    }
+
     /// Serves one request.
     pub fn handle(&mut self, req: &Manipulate) -> Action {
         let arch = self.arch;
@@ -233,17 +291,75 @@ impl Machine {
                 Ok(r) => {
                     let want = (r.count as usize).min(kdpilot_kd::api::MAX_TRANSFER);
                     let data = self.memory.read(arch.canonical_address(r.address), want);
-                    let st = if data.len() == want { status::SUCCESS } else { status::UNSUCCESSFUL };
+                    let st = if data.len() == want {
+                        status::SUCCESS
+                    } else {
+                        status::UNSUCCESSFUL
+                    };
                     r.encode_reply(&ReadReply { status: st, data }, arch)
                 }
                 Err(_) => unsuccessful(req),
             },
             number::WRITE_VIRTUAL_MEMORY => match WriteVirtualMemory::decode_request(req, arch) {
                 Ok(r) => {
-                    let n = self.memory.write(arch.canonical_address(r.address), &r.data);
+                    let n = self
+                        .memory
+                        .write(arch.canonical_address(r.address), &r.data);
                     r.encode_reply(&(n as u32), arch)
                 }
                 Err(_) => unsuccessful(req),
+            },
+            number::GET_CONTEXT => match (GetContext::decode_request(req, arch), self.cpu(req)) {
+                (Ok(r), Some(ctx)) => {
+                    let ctx = ctx.clone();
+                    self.context_sent = true;
+                    r.encode_reply(&ctx, arch)
+                }
+                _ => unsuccessful(req),
+            },
+            number::GET_CONTEXT_EX => {
+                match (GetContextEx::decode_request(req, arch), self.cpu(req)) {
+                    (Ok(r), Some(ctx))
+                        if r.range.fits(arch)
+                            && r.range.byte_count as usize <= kdpilot_kd::api::MAX_TRANSFER =>
+                    {
+                        let bytes = ctx
+                            .as_bytes()
+                            .get(r.range.offset as usize..r.range.end() as usize)
+                            .unwrap_or(&[])
+                            .to_vec();
+                        self.context_sent = true;
+                        r.encode_reply(
+                            &ContextBytes {
+                                offset: r.range.offset,
+                                bytes,
+                            },
+                            arch,
+                        )
+                    }
+                    _ => unsuccessful(req),
+                }
+            }
+            number::SET_CONTEXT => match SetContext::decode_request(req, arch) {
+                // KdpSetContext refuses unless a GetContext was served in this stop.
+                Ok(r) if self.context_sent && usize::from(req.processor) < self.contexts.len() => {
+                    if let Some(c) = self.contexts.get_mut(usize::from(req.processor)) {
+                        *c = r.context.clone();
+                    }
+                    r.encode_reply(&(), arch)
+                }
+                _ => unsuccessful(req),
+            },
+            number::WRITE_BREAKPOINT => match WriteBreakPoint::decode_request(req, arch) {
+                Ok(r) => {
+                    let handle = self.add_breakpoint(arch.canonical_address(r.address));
+                    r.encode_reply(&handle, arch)
+                }
+                Err(_) => unsuccessful(req),
+            },
+            number::RESTORE_BREAKPOINT => match RestoreBreakPoint::decode_request(req, arch) {
+                Ok(r) if self.remove_breakpoint(r.handle) => r.encode_reply(&(), arch),
+                _ => unsuccessful(req),
             },
             number::CONTINUE | number::CONTINUE2 => {
                 self.running = true;

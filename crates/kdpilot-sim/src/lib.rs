@@ -7,9 +7,11 @@
 //! integration test.
 
 pub mod kernel;
+pub mod line;
 pub mod link;
 pub mod memory;
 pub mod target;
 
 pub use kernel::Machine;
-pub use target::{serve, SessionEnd, TargetOptions};
+pub use line::{FaultyLine, LineModel};
+pub use target::{serve, Chatter, SessionEnd, TargetOptions};

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use kdpilot_kd::wire::{packet_type, DecodeEvent, Decoder, Leader, Packet, TargetIds, TargetIncoming};
+use kdpilot_kd::wire::{
+    packet_type, DecodeEvent, Decoder, Leader, Packet, TargetIds, TargetIncoming,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Link errors: the host side of the stream went away.
@@ -104,7 +106,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TargetLink<S> {
                 Ok(Ok(0)) => return Err(LinkError::Closed("end of stream".into())),
                 Ok(Ok(n)) => {
                     let mut out = Vec::new();
-                    self.decoder.feed(self.buf.get(..n).unwrap_or(&[]), &mut out);
+                    self.decoder
+                        .feed(self.buf.get(..n).unwrap_or(&[]), &mut out);
                     self.pending.extend(out);
                 }
                 Ok(Err(e)) => return Err(closed(e)),
@@ -142,19 +145,45 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TargetLink<S> {
     async fn answer_reset(&mut self) -> Result<(), LinkError> {
         self.ids.reset();
         let id = self.config.reset_reply_id;
-        self.send_control(Packet::control(packet_type::KD_RESET, id)).await
+        self.send_control(Packet::control(packet_type::KD_RESET, id))
+            .await
     }
 
-    /// Sends a data packet and waits for its ACK (KdSendPacket).
+    /// Sends a data packet and waits for its ACK (KdSendPacket), forever: what the kernel does
+    /// for exception state changes and manipulate replies.
     pub async fn send(&mut self, ptype: u16, payload: &[u8]) -> Result<SendOutcome, LinkError> {
+        self.send_with(ptype, payload, false).await
+    }
+
+    /// Sends a packet the kernel gives up on after its retries (DbgPrint, LoadSymbols): then
+    /// KdDebuggerNotPresent is set and ids go back to boot values.
+    pub async fn send_or_give_up(
+        &mut self,
+        ptype: u16,
+        payload: &[u8],
+    ) -> Result<SendOutcome, LinkError> {
+        let out = self.send_with(ptype, payload, true).await?;
+        if out == SendOutcome::NotDelivered {
+            self.reset_ids_to_boot();
+        }
+        Ok(out)
+    }
+
+    async fn send_with(
+        &mut self,
+        ptype: u16,
+        payload: &[u8],
+        give_up: bool,
+    ) -> Result<SendOutcome, LinkError> {
         let mut tries = 0;
         'resend: loop {
-            if tries > self.config.retries {
+            if give_up && tries > self.config.retries {
                 return Ok(SendOutcome::NotDelivered);
             }
             tries += 1;
             let id = self.ids.next_send_id();
-            let p = Packet::data(ptype, id, payload.to_vec()).map_err(|e| LinkError::Closed(e.to_string()))?;
+            let p = Packet::data(ptype, id, payload.to_vec())
+                .map_err(|e| LinkError::Closed(e.to_string()))?;
             self.write_raw(&p.encode()).await?;
             loop {
                 let Some(ev) = self.next_event(self.config.ack_timeout).await? else {

@@ -51,7 +51,9 @@ impl Memory {
         let mut a = addr;
         while out.len() < len {
             let page = a & !(PAGE_SIZE - 1);
-            let Some(p) = self.pages.get(&page) else { break };
+            let Some(p) = self.pages.get(&page) else {
+                break;
+            };
             let off = (a - page) as usize;
             let n = (len - out.len()).min(PAGE_SIZE as usize - off);
             out.extend_from_slice(p.get(off..off + n).unwrap_or(&[]));
@@ -66,7 +68,9 @@ impl Memory {
         let mut a = addr;
         while done < bytes.len() {
             let page = a & !(PAGE_SIZE - 1);
-            let Some(p) = self.pages.get_mut(&page) else { break };
+            let Some(p) = self.pages.get_mut(&page) else {
+                break;
+            };
             let off = (a - page) as usize;
             let n = (bytes.len() - done).min(PAGE_SIZE as usize - off);
             if let (Some(dst), Some(src)) = (p.get_mut(off..off + n), bytes.get(done..done + n)) {

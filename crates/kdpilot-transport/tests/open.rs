@@ -45,6 +45,36 @@ async fn round_trip(link: &mut kdpilot_transport::Link, data: &[u8]) {
     assert_eq!(back, data);
 }
 
+/// The KD client takes any `AsyncRead + AsyncWrite + Unpin + Send`, and the CLI spawns the
+/// opening future on a multi-threaded runtime.
+#[test]
+fn link_and_open_futures_are_send() {
+    fn stream<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static>() {}
+    fn send<T: Send>(_: &T) {}
+    stream::<kdpilot_transport::Link>();
+    let ep = endpoint("tcp:127.0.0.1:1");
+    let options = WaitOptions::default();
+    send(&open(&ep));
+    send(&open_waiting(&ep, &options, |_| {}));
+    send(&TransportError::Busy {
+        what: String::new(),
+        hint: "",
+    });
+}
+
+#[tokio::test]
+async fn duplex_streams_can_be_wrapped() {
+    bounded(async {
+        let (near, far) = tokio::io::duplex(64);
+        tokio::spawn(echo(far));
+        let mut link = kdpilot_transport::Link::from_stream(near, "simulator");
+        assert_eq!(link.kind(), LinkKind::Other);
+        assert_eq!(link.peer(), "simulator");
+        round_trip(&mut link, b"sim").await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn tcp_open_exchanges_bytes() {
     bounded(async {
@@ -492,5 +522,50 @@ mod unix {
                 "{err}"
             );
         }
+    }
+}
+
+#[cfg(windows)]
+mod windows {
+    use super::*;
+
+    #[tokio::test]
+    async fn missing_com_port_lists_ports() {
+        for port in ["COM199", r"\\.\COM198"] {
+            let err = open(&endpoint(&format!("com:port={port},baud=19200")))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, TransportError::SerialPortNotFound { .. }),
+                "{err:?}"
+            );
+            assert!(
+                err.to_string()
+                    .starts_with(&format!("serial port {port} not found; ")),
+                "{err}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn missing_named_pipe_is_not_found() {
+        let name = format!(r"\\.\pipe\kdpilot-absent-{}", std::process::id());
+        let err = open(&endpoint(&format!("com:pipe,port={name}")))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TransportError::NotFound { .. }), "{err:?}");
+        assert!(err
+            .to_string()
+            .starts_with(&format!("named pipe {name} does not exist")));
+    }
+
+    #[tokio::test]
+    async fn unix_endpoint_is_unsupported_on_windows() {
+        let err = open(&endpoint("unix:/tmp/com_1.sock")).await.unwrap_err();
+        assert!(matches!(err, TransportError::Unsupported { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains(r"use com:pipe,port=\\.\pipe\NAME"),
+            "{err}"
+        );
     }
 }

@@ -262,7 +262,10 @@ mod tests {
     use super::*;
 
     fn render(inputs: &[&str]) -> String {
-        let args: Vec<TagArg> = inputs.iter().map(|i| parse_arg(i, false).unwrap()).collect();
+        let args: Vec<TagArg> = inputs
+            .iter()
+            .map(|i| parse_arg(i, false).unwrap())
+            .collect();
         render_conversions(&args)
     }
 

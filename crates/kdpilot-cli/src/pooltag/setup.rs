@@ -56,10 +56,7 @@ impl Setup {
 
     /// The boot.ini switches of Windows XP and Server 2003.
     pub fn boot_ini_switches(&self) -> String {
-        format!(
-            "/debug /debugport=com{} /baudrate={}",
-            self.port, self.baud
-        )
+        format!("/debug /debugport=com{} /baudrate={}", self.port, self.baud)
     }
 
     /// The host-side endpoint for a cable on the host's port with the same number.
@@ -250,7 +247,10 @@ mod tests {
             s.dbgsettings(),
             "bcdedit /dbgsettings serial debugport:2 baudrate:115200"
         );
-        assert_eq!(s.boot_ini_switches(), "/debug /debugport=com2 /baudrate=115200");
+        assert_eq!(
+            s.boot_ini_switches(),
+            "/debug /debugport=com2 /baudrate=115200"
+        );
         assert_eq!(s.host_endpoint(), "com:port=COM2,baud=115200");
     }
 
@@ -279,7 +279,10 @@ mod tests {
         assert_eq!(arg("0xff000041"), "0xff000041");
         assert_eq!(arg("0x20202020"), "0x20202020");
         // Text that would read back as a number keeps its value.
-        assert_eq!(tag_for_command_line(PoolTag::from_text("0x12").unwrap()), "0x32317830");
+        assert_eq!(
+            tag_for_command_line(PoolTag::from_text("0x12").unwrap()),
+            "0x32317830"
+        );
     }
 
     #[test]
@@ -288,7 +291,10 @@ mod tests {
             setup("0x100").what(),
             "allocations of 256 bytes (PoolTag 0x00000100)"
         );
-        assert_eq!(setup("Ddk").what(), "pool tag \"Ddk \" (PoolTag 0x206b6444)");
+        assert_eq!(
+            setup("Ddk").what(),
+            "pool tag \"Ddk \" (PoolTag 0x206b6444)"
+        );
     }
 
     #[test]

@@ -80,8 +80,11 @@ impl PoolTag {
 
     /// The tag as it would be typed: the text without its padding spaces, if it is text at all.
     pub fn typed_text(self) -> Option<String> {
-        self.is_text()
-            .then(|| String::from_utf8_lossy(&self.0).trim_end_matches(' ').to_owned())
+        self.is_text().then(|| {
+            String::from_utf8_lossy(&self.0)
+                .trim_end_matches(' ')
+                .to_owned()
+        })
     }
 
     /// The bytes as a double-quoted string, in memory order; bytes that are not printable ASCII,
@@ -161,9 +164,10 @@ pub fn parse_arg(input: &str, text_only: bool) -> Result<TagArg, TagError> {
     };
     let (notation, tag) = match number {
         None => (Notation::Text, PoolTag::from_text(input)?),
-        Some((notation, digits, radix)) => {
-            (notation, PoolTag::from_value(parse_value(input, digits, radix)?))
-        }
+        Some((notation, digits, radix)) => (
+            notation,
+            PoolTag::from_value(parse_value(input, digits, radix)?),
+        ),
     };
     Ok(TagArg {
         input: input.to_owned(),
@@ -307,7 +311,10 @@ mod tests {
     #[test]
     fn value_to_text() {
         assert_eq!(PoolTag::from_value(0x6465_7246).bytes(), *b"Fred");
-        assert_eq!(PoolTag::from_value(0x206b_6444).typed_text().unwrap(), "Ddk");
+        assert_eq!(
+            PoolTag::from_value(0x206b_6444).typed_text().unwrap(),
+            "Ddk"
+        );
         assert_eq!(PoolTag::from_value(0x206b_6444).quoted(), "\"Ddk \"");
     }
 
@@ -345,7 +352,10 @@ mod tests {
         assert_eq!(tag.typed_text(), None);
         assert_eq!(tag.quoted(), "\"A\\x00\\x00\\xff\"");
         assert_eq!(text("a\"\\").quoted(), "\"a\\\"\\\\ \"");
-        assert_eq!(PoolTag::from_value(0x7f).quoted(), "\"\\x7f\\x00\\x00\\x00\"");
+        assert_eq!(
+            PoolTag::from_value(0x7f).quoted(),
+            "\"\\x7f\\x00\\x00\\x00\""
+        );
     }
 
     #[test]
@@ -417,7 +427,12 @@ mod tests {
                 "{bad}"
             );
         }
-        for big in ["0x100000000", "0x123456789", "0n4294967296", "0n99999999999999999999999"] {
+        for big in [
+            "0x100000000",
+            "0x123456789",
+            "0n4294967296",
+            "0n99999999999999999999999",
+        ] {
             assert!(
                 matches!(parse_arg(big, false), Err(TagError::TooLarge { .. })),
                 "{big}"

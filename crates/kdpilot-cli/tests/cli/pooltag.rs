@@ -59,14 +59,24 @@ fn invalid_tags_are_usage_errors() {
         ("Dдk", "which is not ASCII"),
         ("a\tb", "control character 0x09"),
         ("0xZZ", "\"0xZZ\" is not a hexadecimal value"),
-        ("0x100000000", "does not fit in the 32-bit PoolTag REG_DWORD"),
+        (
+            "0x100000000",
+            "does not fit in the 32-bit PoolTag REG_DWORD",
+        ),
         ("0n12x", "is not a decimal value"),
     ];
     for (tag, message) in cases {
         let r = run(&["pooltag", "Ddk", tag]);
         assert_eq!(r.code, 2, "{tag:?}: {}", r.stderr);
-        assert_eq!(r.stdout, "", "{tag:?}: nothing is printed before validation");
-        assert!(r.stderr.starts_with("kdpilot: error: "), "{tag:?}: {}", r.stderr);
+        assert_eq!(
+            r.stdout, "",
+            "{tag:?}: nothing is printed before validation"
+        );
+        assert!(
+            r.stderr.starts_with("kdpilot: error: "),
+            "{tag:?}: {}",
+            r.stderr
+        );
         assert!(r.stderr.contains(message), "{tag:?}: {}", r.stderr);
         assert!(
             r.stderr.contains("1 to 4 printable ASCII characters")
@@ -110,7 +120,15 @@ fn setup() {
 
 #[test]
 fn setup_with_port_and_baud() {
-    let r = run(&["pooltag", "--setup", "--port", "2", "--baud", "115200", "0x206b6444"]);
+    let r = run(&[
+        "pooltag",
+        "--setup",
+        "--port",
+        "2",
+        "--baud",
+        "115200",
+        "0x206b6444",
+    ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     for expected in [
         "/d 0x206b6444 /f",
@@ -142,7 +160,8 @@ fn setup_for_a_size() {
     let r = run(&["pooltag", "--setup", "0x100"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(
-        r.stdout.starts_with("Special pool for allocations of 256 bytes (PoolTag 0x00000100)"),
+        r.stdout
+            .starts_with("Special pool for allocations of 256 bytes (PoolTag 0x00000100)"),
         "{}",
         r.stdout
     );
@@ -152,7 +171,10 @@ fn setup_for_a_size() {
 #[test]
 fn out_writes_a_batch_script_with_crlf() {
     let dir = tempfile::tempdir().unwrap();
-    let r = run_in(dir.path(), &["pooltag", "--setup", "--out", "enable.cmd", "Ddk"]);
+    let r = run_in(
+        dir.path(),
+        &["pooltag", "--setup", "--out", "enable.cmd", "Ddk"],
+    );
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(
         r.stdout,
@@ -164,7 +186,11 @@ fn out_writes_a_batch_script_with_crlf() {
     assert!(script.ends_with("\r\n"));
     let lf = script.matches('\n').count();
     assert!(lf > 10);
-    assert_eq!(lf, script.matches("\r\n").count(), "every line ends in CRLF");
+    assert_eq!(
+        lf,
+        script.matches("\r\n").count(),
+        "every line ends in CRLF"
+    );
     assert!(!script.contains("\r\r"));
     // Every non-blank line is a REM comment, a label, or a command we expect.
     for line in script.lines().map(|l| l.trim_end_matches('\r')) {
@@ -209,22 +235,34 @@ fn out_refuses_to_overwrite_without_force() {
     );
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me");
 
-    let r = run_in(dir.path(), &["pooltag", "--out", "enable.cmd", "--force", "Ddk"]);
+    let r = run_in(
+        dir.path(),
+        &["pooltag", "--out", "enable.cmd", "--force", "Ddk"],
+    );
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(std::fs::read_to_string(&path).unwrap().starts_with("@echo off\r\n"));
+    assert!(std::fs::read_to_string(&path)
+        .unwrap()
+        .starts_with("@echo off\r\n"));
 }
 
 #[test]
 fn out_errors_print_the_cause_chain() {
     let dir = tempfile::tempdir().unwrap();
-    let r = run_in(dir.path(), &["pooltag", "--out", "missing/enable.cmd", "Ddk"]);
+    let r = run_in(
+        dir.path(),
+        &["pooltag", "--out", "missing/enable.cmd", "Ddk"],
+    );
     assert_eq!(r.code, 1);
     let mut lines = r.stderr.lines();
     assert_eq!(
         lines.next(),
         Some("kdpilot: error: could not create missing/enable.cmd")
     );
-    assert!(lines.next().unwrap().starts_with("  caused by: "), "{}", r.stderr);
+    assert!(
+        lines.next().unwrap().starts_with("  caused by: "),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -232,7 +270,11 @@ fn out_warns_about_other_extensions() {
     let dir = tempfile::tempdir().unwrap();
     let r = run_in(dir.path(), &["pooltag", "--out", "enable.txt", "Ddk"]);
     assert_eq!(r.code, 0);
-    assert!(r.stderr.contains("does not end in .cmd or .bat"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("does not end in .cmd or .bat"),
+        "{}",
+        r.stderr
+    );
 }
 
 /// `kdpilot pooltag ... | head -1`: the reader goes away, kdpilot stops quietly with 0.

@@ -85,8 +85,8 @@ impl Api for RestoreBreakPoint {
         })
     }
 
-    fn encode_reply(&self, _reply: &(), _arch: Arch) -> Manipulate {
-        let mut m = self.encode_request(Arch::Amd64);
+    fn encode_reply(&self, _reply: &(), arch: Arch) -> Manipulate {
+        let mut m = self.encode_request(arch);
         m.return_status = status::SUCCESS;
         m
     }

@@ -60,6 +60,15 @@ macro_rules! read_api {
 
             fn decode_reply(&self, m: &Manipulate, _arch: Arch) -> Result<ReadReply, PayloadError> {
                 expect_api(m, Self::NUMBER)?;
+                // The reply echoes the request: a mismatch means damage the byte-sum checksum
+                // let through (kd-protocol.md 9).
+                let echoed = m.body().u64(0)?;
+                if echoed != self.address {
+                    return Err(PayloadError::Invalid {
+                        what: number::name(Self::NUMBER),
+                        detail: format!("reply is for address {echoed:#x}, not {:#x}", self.address),
+                    });
+                }
                 let actual = m.body().u32(12)? as usize;
                 // Trust neither field alone: the data is what both the count and the packet allow.
                 let n = actual.min(m.data.len()).min(self.count as usize);

@@ -64,8 +64,8 @@ impl Api for QueryMemory {
         })
     }
 
-    fn encode_reply(&self, info: &MemoryInfo, _arch: Arch) -> Manipulate {
-        let mut m = self.encode_request(Arch::Amd64);
+    fn encode_reply(&self, info: &MemoryInfo, arch: Arch) -> Manipulate {
+        let mut m = self.encode_request(arch);
         m.return_status = status::SUCCESS;
         let mut b = m.body_mut();
         b.u32(16, info.address_space);

@@ -46,6 +46,11 @@ pub struct KdLink<S> {
     stats: LinkStats,
     sink: EventSink,
     buf: Box<[u8]>,
+    /// Id of the last damaged data packet whose header arrived.
+    last_damaged: Option<u32>,
+    /// The last new data packet received (type and payload), to tell a real duplicate from a
+    /// new packet that merely carries the id of one.
+    last_rx: Option<(u16, Vec<u8>)>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> KdLink<S> {
@@ -62,6 +67,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> KdLink<S> {
             stats: LinkStats::default(),
             sink,
             buf: vec![0u8; 4096].into_boxed_slice(),
+            last_damaged: None,
+            last_rx: None,
         }
     }
 
@@ -104,7 +111,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> KdLink<S> {
 
     /// Sends a control packet.
     pub async fn send_control(&mut self, packet: Packet) -> Result<(), KdError> {
-        tracing::trace!(kind = packet_type::name(packet.packet_type), id = format_args!("{:#010x}", packet.id), "tx control");
+        tracing::trace!(
+            kind = packet_type::name(packet.packet_type),
+            id = format_args!("{:#010x}", packet.id),
+            "tx control"
+        );
         self.write_all(&packet.encode()).await
     }
 
@@ -156,11 +167,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> KdLink<S> {
                 deadline.min(now + self.timing.inter_byte + self.timing.transfer(64))
             };
             match tokio::time::timeout_at(limit, self.io.read(&mut self.buf)).await {
-                Ok(Ok(0)) => return Err(KdError::LinkLost("the target side closed the connection".into())),
+                Ok(Ok(0)) => {
+                    return Err(KdError::LinkLost(
+                        "the target side closed the connection".into(),
+                    ))
+                }
                 Ok(Ok(n)) => {
                     self.stats.bytes_rx += n as u64;
                     let mut out = Vec::new();
-                    self.decoder.feed(self.buf.get(..n).unwrap_or(&[]), &mut out);
+                    self.decoder
+                        .feed(self.buf.get(..n).unwrap_or(&[]), &mut out);
                     self.events.extend(out);
                 }
                 Ok(Err(e)) => return Err(KdError::io(e)),
@@ -180,6 +196,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> KdLink<S> {
             DecodeEvent::BreakIn => Ok(Absorbed::Nothing),
             DecodeEvent::Error(e) => {
                 self.stats.frame_errors += 1;
+                if let Some(id) = e.packet_id() {
+                    self.last_damaged = Some(id);
+                }
                 tracing::debug!(error = %e, "damaged frame, asking for a resend");
                 self.sink.emit(ClientEvent::FrameError(e.to_string()));
                 self.send_control(Packet::resend()).await?;
@@ -203,14 +222,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin> KdLink<S> {
             DecodeEvent::Packet(p) => {
                 self.stats.packets_rx += 1;
                 self.send_control(Packet::ack(p.id)).await?;
-                match self.ids.on_data(p.id) {
+                let mut verdict = self.ids.on_data(p.id);
+                if verdict == Incoming::Duplicate
+                    && self
+                        .last_rx
+                        .as_ref()
+                        .is_some_and(|(t, pl)| *t != p.packet_type || *pl != p.payload)
+                {
+                    // Same id as the last packet, other content: the target took a packet of
+                    // ours as the ACK of one we never received intact (kdcom does, kd-protocol.md
+                    // 1.5) and moved on. What it sends now is new.
+                    tracing::debug!(
+                        id = format_args!("{:#010x}", p.id),
+                        "new packet under a duplicate id: the target moved on"
+                    );
+                    self.ids.accept(p.id);
+                    verdict = Incoming::New;
+                }
+                match verdict {
                     Incoming::New => {
-                        tracing::trace!(kind = packet_type::name(p.packet_type), id = format_args!("{:#010x}", p.id), len = p.payload.len(), "rx data");
+                        self.last_rx = Some((p.packet_type, p.payload.clone()));
+                        tracing::trace!(
+                            kind = packet_type::name(p.packet_type),
+                            id = format_args!("{:#010x}", p.id),
+                            len = p.payload.len(),
+                            "rx data"
+                        );
                         Ok(Absorbed::Data(p))
                     }
                     Incoming::Duplicate => {
                         self.stats.duplicates += 1;
-                        tracing::debug!(id = format_args!("{:#010x}", p.id), "duplicate packet dropped");
+                        tracing::debug!(
+                            id = format_args!("{:#010x}", p.id),
+                            "duplicate packet dropped"
+                        );
                         Ok(Absorbed::Nothing)
                     }
                 }
@@ -222,14 +267,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> KdLink<S> {
     ///
     /// A target RESET while waiting restarts the exchange with id 0x80800000. A new data packet
     /// arriving instead of the ACK means the ACK was lost (the target only answers what it
-    /// received) if it is of `reply_type`: it is kept for [`KdLink::recv`] and the send counts as
-    /// done. Other data packets (a state change resent after a RESET, a DbgPrint) are kept for
-    /// `recv` too, but do not acknowledge anything.
+    /// received) if `is_reply` says it answers this packet: it is kept for [`KdLink::recv`] and
+    /// the send counts as done. Other data packets (a state change resent after a RESET, a
+    /// DbgPrint, a stale reply) are kept for `recv` too, but acknowledge nothing.
     pub async fn send(
         &mut self,
         ptype: u16,
         payload: Vec<u8>,
-        reply_type: Option<u16>,
+        is_reply: Option<&dyn Fn(&Packet) -> bool>,
     ) -> Result<(), KdError> {
         let mut packet = Packet::data(ptype, self.ids.next_send_id(), payload)
             .map_err(|e| KdError::Protocol(e.to_string()))?;
@@ -237,7 +282,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> KdLink<S> {
         'transmit: loop {
             if attempts > self.timing.retries {
                 return Err(KdError::Timeout {
-                    what: format!("the ACK of a {} packet after {} attempts", packet_type::name(ptype), attempts),
+                    what: format!(
+                        "the ACK of a {} packet after {} attempts",
+                        packet_type::name(ptype),
+                        attempts
+                    ),
                 });
             }
             if attempts > 0 {
@@ -255,18 +304,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> KdLink<S> {
                     tracing::debug!(attempt = attempts, "no ACK in time, retransmitting");
                     continue 'transmit;
                 };
+                let damaged_new = match &ev {
+                    DecodeEvent::Error(e) => e
+                        .packet_id()
+                        .is_some_and(|id| self.ids.expected_id() == Some(id)),
+                    _ => false,
+                };
                 match self.absorb(ev).await? {
                     Absorbed::Ack(id) => {
                         if self.ids.on_ack(id) {
                             return Ok(());
                         }
                     }
+                    Absorbed::Nothing if damaged_new && is_reply.is_some() => {
+                        // The target is sending its next packet (damaged on the way): it only
+                        // does that after taking ours, so our ACK was lost. The reply itself
+                        // is recovered by the caller (RESEND, or giving it up).
+                        tracing::debug!("a damaged reply shows the request arrived");
+                        self.ids.assume_acked();
+                        return Ok(());
+                    }
                     Absorbed::Resend => continue 'transmit,
                     Absorbed::Reset => continue 'transmit,
                     Absorbed::Data(p) => {
-                        let is_reply = Some(p.packet_type) == reply_type;
+                        let answers = is_reply.is_some_and(|f| f(&p));
                         self.inbox.push_back(p);
-                        if is_reply {
+                        if answers {
                             self.ids.assume_acked();
                             return Ok(());
                         }
@@ -304,10 +367,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> KdLink<S> {
         }
     }
 
-    /// Forgets the last packet sent, so a later RESEND does not repeat it (after a Continue the
-    /// target must not see the request again).
-    pub fn forget_last_sent(&mut self) {
-        self.last_sent = None;
+    /// Takes the id of the last damaged data packet seen (and forgets it).
+    pub fn take_damaged_id(&mut self) -> Option<u32> {
+        self.last_damaged.take()
+    }
+
+    /// Gives up on a packet the target keeps sending damaged: ACKs `id` so the target stops
+    /// retransmitting it, and counts it as received. Used when a reply is too large to cross
+    /// a noisy line intact; the caller asks again for less.
+    pub async fn abandon(&mut self, id: u32) -> Result<(), KdError> {
+        self.send_control(Packet::ack(id)).await?;
+        self.ids.on_data(id);
+        self.decoder.abandon_partial();
+        Ok(())
     }
 }
 

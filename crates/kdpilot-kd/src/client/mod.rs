@@ -11,9 +11,9 @@
 //! target hangs otherwise), file requests get STATUS_NO_SUCH_FILE as WinDbg answers them.
 
 mod link;
-mod unsolicited;
 mod session;
 mod timing;
+mod unsolicited;
 
 pub use link::{KdLink, LinkStats, Received};
 pub use session::{ClientConfig, Connection, Running, Stopped, WaitOutcome};
@@ -80,6 +80,13 @@ pub enum KdError {
     Timeout {
         /// What was awaited.
         what: String,
+    },
+    /// The reply kept arriving damaged and was given up (a noisy line and a large reply): ask
+    /// again for less.
+    #[error("the reply to {api} kept arriving damaged; giving up on it")]
+    ReplyLost {
+        /// API name.
+        api: &'static str,
     },
     /// The target said something the protocol does not allow here.
     #[error("protocol error: {0}")]

@@ -8,8 +8,8 @@ use tokio::time::Instant;
 use super::link::{KdLink, LinkStats, Received};
 use super::{unsolicited, ClientEvent, EventSink, KdError, Timing};
 use crate::api::{self, Api, Manipulate, MAX_TRANSFER};
-use crate::state_change::StateChange;
 use crate::kddebugger_data::{DebugDataHeader64, KdDebuggerData64, DEBUG_DATA_HEADER_SIZE};
+use crate::state_change::StateChange;
 use crate::version::GetVersion64;
 use crate::wire::packet_type;
 use crate::Arch;
@@ -49,7 +49,20 @@ pub struct Connection<S> {
     link: KdLink<S>,
     config: ClientConfig,
     version: Option<GetVersion64>,
+    /// Current size of one memory read (shrinks on a noisy line).
+    read_chunk: usize,
+    /// Reads in a row that crossed the line intact at the current size.
+    clean_reads: u32,
+    /// Damaged frames counted so far, and the received-packet count when the last one came.
+    errors_seen: u64,
+    quiet_since: u64,
 }
+
+/// Packets without damage after which a line counts as clean again.
+const NOISY_WINDOW: u64 = 500;
+
+/// Smallest read chunk on a noisy line.
+const MIN_READ_CHUNK: usize = 128;
 
 /// A stopped target: it serves requests until it is resumed.
 #[derive(Debug)]
@@ -69,6 +82,10 @@ pub struct Running<S> {
 
 /// Result of [`Running::wait_stop`].
 #[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "both variants own the whole connection; the outcome is moved once per stop"
+)]
 pub enum WaitOutcome<S> {
     /// The target reported a stop.
     Stopped(Stopped<S>),
@@ -84,6 +101,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             link,
             config,
             version: None,
+            read_chunk: MAX_TRANSFER,
+            clean_reads: 0,
+            errors_seen: 0,
+            quiet_since: 0,
         }
     }
 
@@ -125,7 +146,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
             // Break in only when nothing says the target is stopped: a 'b' that reaches a stopped
             // target makes it break again right after the next continue.
-            if self.config.break_in && stop.is_none() && (resets_sent > 1 || synced || breaks_sent > 0) {
+            if self.config.break_in
+                && stop.is_none()
+                && (resets_sent > 1 || synced || breaks_sent > 0)
+            {
                 self.link.send_break_in().await?;
                 breaks_sent += 1;
             }
@@ -139,7 +163,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     Received::Packet(p) if p.packet_type == packet_type::KD_STATE_CHANGE64 => {
                         if synced {
                             let state = StateChange::parse(&p.payload)?;
-                            let mut stopped = Stopped { conn: self, state, raw: p.payload };
+                            let mut stopped = Stopped {
+                                conn: self,
+                                state,
+                                raw: p.payload,
+                            };
                             stopped.refresh_version().await?;
                             return Ok(stopped);
                         }
@@ -167,7 +195,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stopped<S> {
 
     /// The target's architecture (AMD64 until a version says otherwise).
     pub fn arch(&self) -> Arch {
-        self.conn.version.as_ref().and_then(GetVersion64::arch).unwrap_or(Arch::Amd64)
+        self.conn
+            .version
+            .as_ref()
+            .and_then(GetVersion64::arch)
+            .unwrap_or(Arch::Amd64)
     }
 
     /// Link counters.
@@ -193,12 +225,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stopped<S> {
         self.request_on(cpu, req).await
     }
 
-    /// Sends one request to `processor` and returns its decoded reply.
+    /// Sends one request to `processor` and returns its decoded reply, retrying a reply that
+    /// was lost to line damage.
+    pub async fn request_on<A: Api>(
+        &mut self,
+        processor: u16,
+        req: &A,
+    ) -> Result<A::Reply, KdError> {
+        let mut lost = 0;
+        loop {
+            match self.request_once(processor, req).await {
+                Err(KdError::ReplyLost { .. }) if lost < 3 => lost += 1,
+                other => return other,
+            }
+        }
+    }
+
+    /// One request/reply exchange.
     ///
-    /// If no reply comes, the same packet is sent again with the same id: a target that got
-    /// the packet with its type damaged ACKs and drops it without moving its expected id
-    /// (kd-protocol.md 9). After a target RESET it is sent again with the new id.
-    pub async fn request_on<A: Api>(&mut self, processor: u16, req: &A) -> Result<A::Reply, KdError> {
+    /// Recovery, in this order:
+    /// - a reply that contradicts the request (another API, another address) is stale or was
+    ///   damaged in a way the checksum let through: it is skipped;
+    /// - a reply heard but always damaged (a large reply on a noisy line) is ACKed to release
+    ///   the target and [`KdError::ReplyLost`] is returned, so the caller asks for less;
+    /// - silence (the request was ACKed but dropped because its type was damaged, or ids went
+    ///   out of step) is repaired with a RESET exchange, after which the target resends its
+    ///   state change (ignored as a duplicate) and the request goes again with fresh ids.
+    async fn request_once<A: Api>(&mut self, processor: u16, req: &A) -> Result<A::Reply, KdError> {
         debug_assert!(A::HAS_REPLY, "use resume/reboot for APIs without a reply");
         let arch = self.arch();
         let mut m = req.encode_request(arch);
@@ -206,35 +259,71 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stopped<S> {
         let payload = m.encode();
         let timing = self.conn.link.timing().clone();
         let wait = timing.reply_wait(payload.len() + 17, crate::wire::consts::PACKET_MAX_SIZE);
-        let mut resend_same_id = false;
-        for _attempt in 0..=timing.retries.min(3) {
-            if resend_same_id {
-                self.conn.link.ids_mut().rewind();
+        let answers = |p: &crate::wire::Packet| -> bool {
+            p.packet_type == packet_type::KD_STATE_MANIPULATE
+                && Manipulate::parse(&p.payload).is_ok_and(|r| {
+                    r.api == A::NUMBER
+                        && !matches!(
+                            req.decode_reply(&r, arch),
+                            Err(crate::PayloadError::Invalid { .. })
+                        )
+                })
+        };
+        for attempt in 0..=timing.retries.min(4) {
+            if attempt > 0 && !self.resync().await? {
+                continue;
             }
+            self.conn.link.take_damaged_id();
             self.conn
                 .link
-                .send(packet_type::KD_STATE_MANIPULATE, payload.clone(), Some(packet_type::KD_STATE_MANIPULATE))
+                .send(
+                    packet_type::KD_STATE_MANIPULATE,
+                    payload.clone(),
+                    Some(&answers),
+                )
                 .await?;
             let deadline = Instant::now() + wait;
-            resend_same_id = true;
             loop {
                 let Some(rx) = self.conn.link.recv(deadline).await? else {
-                    tracing::debug!(api = api::number::name(A::NUMBER), "no reply, sending the request again");
+                    if let Some(id) = self.conn.link.take_damaged_id() {
+                        if self.conn.link.ids().expected_id() == Some(id) {
+                            tracing::debug!(
+                                api = api::number::name(A::NUMBER),
+                                id = format_args!("{id:#010x}"),
+                                "reply keeps arriving damaged: releasing the target"
+                            );
+                            self.conn.link.abandon(id).await?;
+                            return Err(KdError::ReplyLost {
+                                api: api::number::name(A::NUMBER),
+                            });
+                        }
+                    }
+                    tracing::debug!(
+                        api = api::number::name(A::NUMBER),
+                        "no reply: resynchronising"
+                    );
                     break;
                 };
                 match rx {
-                    Received::Reset => {
-                        resend_same_id = false;
-                        break;
-                    }
+                    Received::Reset => break,
                     Received::Packet(p) => match p.packet_type {
                         packet_type::KD_STATE_MANIPULATE => {
                             let reply = Manipulate::parse(&p.payload)?;
                             if reply.api != A::NUMBER {
-                                tracing::debug!(got = reply.api, want = A::NUMBER, "stale reply ignored");
+                                tracing::debug!(
+                                    got = reply.api,
+                                    want = A::NUMBER,
+                                    "stale reply skipped"
+                                );
                                 continue;
                             }
-                            return Ok(req.decode_reply(&reply, arch)?);
+                            match req.decode_reply(&reply, arch) {
+                                Ok(r) => return Ok(r),
+                                Err(crate::PayloadError::Invalid { detail, .. }) => {
+                                    tracing::debug!(%detail, "reply contradicts the request: skipped");
+                                }
+                                Err(e) => return Err(e.into()),
+                            }
                         }
                         packet_type::KD_STATE_CHANGE64 => {
                             if p.payload != self.raw {
@@ -254,23 +343,69 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stopped<S> {
         })
     }
 
+    /// RESET exchange with a stopped target: true once the target answered with its RESET
+    /// (ids are then 0x80800000 on both sides). Packets that arrive meanwhile are handled as
+    /// anywhere else; the state change the target resends is the current one.
+    pub async fn resync(&mut self) -> Result<bool, KdError> {
+        self.conn
+            .link
+            .send_control(crate::wire::Packet::reset())
+            .await?;
+        let t = self.conn.link.timing().clone();
+        let deadline = Instant::now() + t.ack_wait(16) + t.transfer(300);
+        while let Some(rx) = self.conn.link.recv(deadline).await? {
+            match rx {
+                Received::Reset => {
+                    self.conn.config.sink.emit(ClientEvent::Resynchronised);
+                    return Ok(true);
+                }
+                Received::Packet(p) if p.packet_type == packet_type::KD_STATE_MANIPULATE => {
+                    tracing::debug!("stale reply skipped while resynchronising");
+                }
+                Received::Packet(p) if p.packet_type == packet_type::KD_STATE_CHANGE64 => {}
+                Received::Packet(p) => {
+                    unsolicited::handle(&mut self.conn.link, &self.conn.config, p).await?
+                }
+            }
+        }
+        Ok(false)
+    }
+
     /// Reads `len` bytes of virtual memory in packet-sized chunks. Stops early (short result)
-    /// at the first chunk the target could not read completely.
+    /// at the first chunk the target could not read completely. On a noisy line the chunk
+    /// shrinks when large replies cannot cross it intact, and grows back after clean reads.
     pub async fn read_virtual(&mut self, address: u64, len: usize) -> Result<Vec<u8>, KdError> {
         let mut out = Vec::with_capacity(len);
+        let mut lost = 0;
         while out.len() < len {
-            let n = (len - out.len()).min(MAX_TRANSFER);
-            let chunk = self
-                .request(&api::ReadVirtualMemory {
-                    address: address.wrapping_add(out.len() as u64),
-                    count: n as u32,
-                })
-                .await;
-            let chunk = match chunk {
+            let n = (len - out.len()).min(self.conn.read_chunk);
+            let req = api::ReadVirtualMemory {
+                address: address.wrapping_add(out.len() as u64),
+                count: n as u32,
+            };
+            let chunk = match self.read_chunk_checked(&req).await {
                 Ok(c) => c,
-                Err(KdError::Payload(crate::PayloadError::Failed { .. })) if !out.is_empty() => break,
+                Err(KdError::ReplyLost { .. }) if lost < 12 => {
+                    lost += 1;
+                    self.conn.read_chunk = (self.conn.read_chunk / 2).max(MIN_READ_CHUNK);
+                    self.conn.clean_reads = 0;
+                    tracing::debug!(chunk = self.conn.read_chunk, "noisy line: smaller reads");
+                    continue;
+                }
+                Err(KdError::Payload(crate::PayloadError::Failed { .. })) if !out.is_empty() => {
+                    break
+                }
                 Err(e) => return Err(e),
             };
+            lost = 0;
+            self.conn.clean_reads += 1;
+            if self.conn.clean_reads >= 8
+                && self.conn.read_chunk < MAX_TRANSFER
+                && !self.line_is_noisy()
+            {
+                self.conn.read_chunk = (self.conn.read_chunk * 2).min(MAX_TRANSFER);
+                self.conn.clean_reads = 0;
+            }
             let got = chunk.data.len();
             out.extend_from_slice(&chunk.data);
             if got < n {
@@ -278,6 +413,48 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stopped<S> {
             }
         }
         Ok(out)
+    }
+
+    /// One read. On a line that showed damage recently the read is repeated until two copies
+    /// agree: the byte-sum checksum passes compensating errors (two flips of the same bit in
+    /// opposite directions), and on a noisy line that happens every few hundred packets.
+    async fn read_chunk_checked(
+        &mut self,
+        req: &api::ReadVirtualMemory,
+    ) -> Result<api::ReadReply, KdError> {
+        let first = self.request_once(self.state.processor, req).await?;
+        if !self.line_is_noisy() {
+            return Ok(first);
+        }
+        let mut prev = first;
+        for _ in 0..6 {
+            let next = self.request_once(self.state.processor, req).await?;
+            if next == prev {
+                return Ok(next);
+            }
+            tracing::debug!(
+                address = format_args!("{:#x}", req.address),
+                "two reads disagree: damage passed the checksum"
+            );
+            self.conn.link.sink().emit(ClientEvent::FrameError(
+                "a reply passed the checksum damaged".into(),
+            ));
+            prev = next;
+        }
+        Err(KdError::ReplyLost {
+            api: "ReadVirtualMemory",
+        })
+    }
+
+    /// Whether the link saw a damaged frame within the last [`NOISY_WINDOW`] packets.
+    fn line_is_noisy(&mut self) -> bool {
+        let st = self.conn.link.stats();
+        let (errors, packets) = (st.frame_errors, st.packets_rx);
+        if errors != self.conn.errors_seen {
+            self.conn.errors_seen = errors;
+            self.conn.quiet_since = packets;
+        }
+        self.conn.errors_seen > 0 && packets.saturating_sub(self.conn.quiet_since) < NOISY_WINDOW
     }
 
     /// Follows DBGKD_GET_VERSION64.DebuggerDataList to KDDEBUGGER_DATA64 (kd-protocol.md 2.3).
@@ -293,7 +470,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stopped<S> {
         if !v.has_debugger_data() {
             return Ok(None);
         }
-        let head = self.read_virtual(v.debugger_data_list, arch.pointer_size()).await?;
+        let head = self
+            .read_virtual(v.debugger_data_list, arch.pointer_size())
+            .await?;
         let Some(flink) = read_pointer(&head, arch) else {
             return Ok(None);
         };
@@ -318,20 +497,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stopped<S> {
     /// Resumes with the old DbgKdContinueApi (what WinDbg answers an "unload all" stop with).
     pub async fn continue_old(self, status: u32) -> Result<Running<S>, KdError> {
         let arch = self.arch();
-        self.resume_with(api::Continue { status }.encode_request(arch)).await
+        self.resume_with(api::Continue { status }.encode_request(arch))
+            .await
     }
 
     async fn resume_with(mut self, mut m: Manipulate) -> Result<Running<S>, KdError> {
         m.processor = self.state.processor;
-        self.conn.link.send(packet_type::KD_STATE_MANIPULATE, m.encode(), None).await?;
-        Ok(Running { conn: self.conn, last_stop: Some(self.raw) })
+        self.conn
+            .link
+            .send(packet_type::KD_STATE_MANIPULATE, m.encode(), None)
+            .await?;
+        Ok(Running {
+            conn: self.conn,
+            last_stop: Some(self.raw),
+        })
     }
 
     /// Reboots the target (no reply: it goes down; expect an "unload all" stop or silence).
     pub async fn reboot(mut self) -> Result<Running<S>, KdError> {
         let m = api::Reboot.encode_request(self.arch());
-        self.conn.link.send(packet_type::KD_STATE_MANIPULATE, m.encode(), None).await?;
-        Ok(Running { conn: self.conn, last_stop: None })
+        self.conn
+            .link
+            .send(packet_type::KD_STATE_MANIPULATE, m.encode(), None)
+            .await?;
+        Ok(Running {
+            conn: self.conn,
+            last_stop: None,
+        })
     }
 }
 
@@ -356,9 +548,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Running<S> {
                     if self.last_stop.as_deref() == Some(&p.payload[..]) {
                         tracing::debug!("the stop we continued from was reported again");
                     }
-                    return Ok(WaitOutcome::Stopped(Stopped { conn: self.conn, state, raw: p.payload }));
+                    return Ok(WaitOutcome::Stopped(Stopped {
+                        conn: self.conn,
+                        state,
+                        raw: p.payload,
+                    }));
                 }
-                Received::Packet(p) => unsolicited::handle(&mut self.conn.link, &self.conn.config, p).await?,
+                Received::Packet(p) => {
+                    unsolicited::handle(&mut self.conn.link, &self.conn.config, p).await?
+                }
             }
         }
     }
@@ -370,10 +568,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Running<S> {
         let every = self.conn.link.timing().latency * 2 + self.conn.link.timing().transfer(600);
         loop {
             if Instant::now() >= deadline {
-                return Err(KdError::Timeout { what: "the target to stop after a break-in".into() });
+                return Err(KdError::Timeout {
+                    what: "the target to stop after a break-in".into(),
+                });
             }
             self.conn.link.send_break_in().await?;
-            let wait = every.max(Duration::from_secs(1)).min(deadline - Instant::now());
+            let wait = every
+                .max(Duration::from_secs(1))
+                .min(deadline - Instant::now());
             match self.wait_stop(wait).await? {
                 WaitOutcome::Stopped(s) => return Ok(s),
                 WaitOutcome::StillRunning(r) => self = r,

@@ -55,6 +55,8 @@ pub enum FrameError {
     Truncated {
         /// Bytes of the packet (leader included) that had arrived.
         received: usize,
+        /// PacketId, if the header had arrived.
+        id: Option<u32>,
     },
 }
 
@@ -132,10 +134,11 @@ impl Decoder {
     pub fn abandon_partial(&mut self) -> Option<DecodeEvent> {
         let received = self.partial_len();
         let in_frame = !matches!(self.state, State::Leader { .. });
+        let id = matches!(self.state, State::Payload | State::Trailer).then(|| self.id());
         self.state = State::Leader { byte: 0, run: 0 };
         self.payload.clear();
         if in_frame {
-            Some(DecodeEvent::Error(FrameError::Truncated { received }))
+            Some(DecodeEvent::Error(FrameError::Truncated { received, id }))
         } else {
             self.skipped += received as u64;
             None
@@ -293,5 +296,18 @@ fn leader_byte(leader: Leader) -> u8 {
     match leader {
         Leader::Data => PACKET_LEADER_BYTE,
         Leader::Control => CONTROL_PACKET_LEADER_BYTE,
+    }
+}
+
+impl FrameError {
+    /// The PacketId of the damaged data packet, when its header arrived (it may itself be
+    /// damaged: compare it with the id you expect before acting on it).
+    pub fn packet_id(&self) -> Option<u32> {
+        match self {
+            FrameError::BadChecksum { id, .. }
+            | FrameError::BadTrailer { id, .. }
+            | FrameError::TooLong { id, .. } => Some(*id),
+            FrameError::Truncated { id, .. } => *id,
+        }
     }
 }

@@ -76,16 +76,10 @@ impl HostIds {
         self.next_send ^= 1;
     }
 
-    /// Steps back to the id of our previous packet, to send it again with the same id: a target
-    /// that ACKed it but dropped it (type damaged on the line) still expects that id.
-    pub fn rewind(&mut self) {
-        self.next_send ^= 1;
-    }
-
-    /// Whether `id` is the id a new packet from the target would carry now (used to treat an
-    /// early reply as the ACK of our request).
-    pub fn is_expected_new(&self, id: u32) -> bool {
-        id & SYNC_PACKET_ID != 0 || self.expected.is_none_or(|e| e == id)
+    /// Accepts `id` as new whatever we expected (the target moved on: see
+    /// [`crate::client::KdLink`]'s duplicate check) and expects the other id next.
+    pub fn accept(&mut self, id: u32) {
+        self.expected = Some((id & !SYNC_PACKET_ID) ^ 1);
     }
 
     /// Classifies an incoming good data packet and advances the expected id.

@@ -51,7 +51,11 @@ pub fn vectors() -> Vec<Vector> {
     records
         .into_iter()
         .map(|r| {
-            assert!(r.checksum_ok, "frame {} recorded with a bad checksum", r.frame);
+            assert!(
+                r.checksum_ok,
+                "frame {} recorded with a bad checksum",
+                r.frame
+            );
             let dir_ok = r.dir == "host->target" || r.dir == "target->host";
             assert!(dir_ok, "frame {}: dir {}", r.frame, r.dir);
             Vector {
