@@ -5,6 +5,7 @@
 
 use std::process::ExitCode;
 
+mod fuzz;
 mod windows;
 
 /// A subcommand: its name, a one-line description, and its entry point, which gets the
@@ -16,11 +17,18 @@ struct Command {
 }
 
 /// Every subcommand, in `help` order.
-const COMMANDS: &[Command] = &[Command {
-    name: "windows-check",
-    about: windows::ABOUT,
-    run: windows::run,
-}];
+const COMMANDS: &[Command] = &[
+    Command {
+        name: "fuzz",
+        about: fuzz::ABOUT,
+        run: fuzz::run,
+    },
+    Command {
+        name: "windows-check",
+        about: windows::ABOUT,
+        run: windows::run,
+    },
+];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -44,6 +52,12 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The workspace root (the parent of `xtask/`).
+fn workspace_root() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    dir.parent().unwrap_or(dir).to_path_buf()
 }
 
 fn print_help() {

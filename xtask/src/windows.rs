@@ -56,7 +56,7 @@ pub fn run(args: &[String]) -> Result<()> {
         }
     }
     let started = Instant::now();
-    let root = workspace_root();
+    let root = crate::workspace_root();
     if check {
         check_msvc(&root)?;
     }
@@ -69,13 +69,6 @@ pub fn run(args: &[String]) -> Result<()> {
 
 fn say(message: &str) {
     println!("[windows-check] {message}");
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace root")
-        .to_path_buf()
 }
 
 fn cargo() -> Command {

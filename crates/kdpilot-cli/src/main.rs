@@ -5,7 +5,8 @@
 //! - `error.rs`: [`error::ErrorKind`] and [`error::CliError`], which choose the exit code, and the
 //!   printing of the cause chain.
 //! - `logging.rs`: tracing to stderr, `-v`/`-q`, `KDPILOT_LOG`/`RUST_LOG`.
-//! - one module per subcommand (`pooltag`, `probe`), each with an `...Args` struct (clap `Args`)
+//! - `output.rs`: stdout that tolerates a closed pipe.
+//! - one module per subcommand (`pooltag`, `probe`, `sim`, `demo`), each with an `...Args` struct (clap `Args`)
 //!   and a `run` function: `fn run(args) -> anyhow::Result<()>`, or `async fn` when it talks to
 //!   a target.
 //!
@@ -22,10 +23,13 @@
 //! Errors print on stderr as `kdpilot: error: <message>`, then `  caused by: <source>` for each
 //! source in the chain.
 
+mod demo;
 mod error;
 mod logging;
+mod output;
 mod pooltag;
 mod probe;
+mod sim;
 
 use std::future::Future;
 use std::process::ExitCode;
@@ -85,8 +89,12 @@ enum Command {
     // A one-paragraph doc comment resets long_about, so the long text is set here.
     #[command(long_about = pooltag::LONG_ABOUT)]
     Pooltag(pooltag::PooltagArgs),
-    /// Check that a target answers on a KD link
+    /// Check that a target answers on a KD link: break in, identify it, resume it
     Probe(probe::ProbeArgs),
+    /// Serve a simulated Windows target (pty, TCP or Unix socket) to try kdpilot without one
+    Sim(sim::SimArgs),
+    /// Watch kdpilot work against the built-in simulator
+    Demo(demo::DemoArgs),
 }
 
 impl Command {
@@ -95,6 +103,8 @@ impl Command {
         match self {
             Command::Pooltag(args) => pooltag::run(args),
             Command::Probe(args) => block_on(probe::run(args)),
+            Command::Sim(args) => block_on(sim::run(args)),
+            Command::Demo(args) => block_on(demo::run(args)),
         }
     }
 }

@@ -32,31 +32,39 @@ pub struct ProbeArgs {
 /// Runs `kdpilot probe`.
 pub async fn run(args: ProbeArgs) -> anyhow::Result<()> {
     let endpoint: Endpoint = args.target.parse().map_err(CliError::usage)?;
-    let timeout = Duration::from_secs(args.timeout.max(1));
+    let report = probe(&endpoint, Duration::from_secs(args.timeout.max(1))).await?;
+    crate::output::print(&report)
+}
+
+/// Connects to `endpoint`, identifies the target, resumes it and returns the report.
+pub async fn probe(endpoint: &Endpoint, timeout: Duration) -> anyhow::Result<String> {
     let wait = WaitOptions {
         give_up_after: Some(timeout),
         ..WaitOptions::default()
     };
-    let link = open_waiting(&endpoint, &wait, |ev| tracing::info!("{ev}"))
+    let link = open_waiting(endpoint, &wait, |ev| tracing::info!("{ev}"))
         .await
         .with_context(|| format!("could not open {}", endpoint.description()))
         .target_err()?;
-    let mut timing = endpoint.baud().map(Timing::for_baud).unwrap_or_default();
-    timing.latency = timing.latency.max(Duration::from_millis(300));
     let config = ClientConfig {
-        timing,
+        timing: timing_for(endpoint),
         resets: endpoint.resets().unwrap_or(5),
         ..ClientConfig::default()
     };
-    eprintln!("kdpilot: connecting to {} ...", endpoint.description());
+    tracing::info!("connecting to {}", endpoint.description());
     let stopped = Connection::new(link, config)
         .connect(timeout)
         .await
         .with_context(|| format!("no KD target answered on {}", endpoint.description()))
         .target_err()?;
-    let report = identify(stopped).await.target_err()?;
-    print!("{report}");
-    Ok(())
+    identify(stopped).await.target_err()
+}
+
+/// Link timing for an endpoint: scaled to the baud rate on serial lines.
+pub fn timing_for(endpoint: &Endpoint) -> Timing {
+    let mut timing = endpoint.baud().map(Timing::for_baud).unwrap_or_default();
+    timing.latency = timing.latency.max(Duration::from_millis(300));
+    timing
 }
 
 /// Reads what the target is, resumes it, and returns the report text.
