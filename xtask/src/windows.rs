@@ -33,6 +33,10 @@ const WINDOWS_CRATES: &[&str] = &[
 /// Examples run under wine: (package, example, arguments). Each must exit 0.
 const WINE_EXAMPLES: &[(&str, &str, &[&str])] = &[("kdpilot-transport", "pipe_echo", &[])];
 
+/// Binaries run under wine: (package, binary, arguments). Each must exit 0. `kdpilot demo`
+/// serves the simulated target on a named pipe and probes it through `com:pipe,port=...`.
+const WINE_BINARIES: &[(&str, &str, &[&str])] = &[("kdpilot-cli", "kdpilot", &["demo"])];
+
 /// Packages whose test suites run under wine.
 const WINE_TEST_CRATES: &[&str] = &["kdpilot-transport"];
 
@@ -187,6 +191,25 @@ fn run_under_wine(root: &Path) -> Result<()> {
         run_bounded(command, &format!("{package} example {example}"))?;
         say(&format!(
             "ok   {package} example {example} under wine ({:.1} s)",
+            started.elapsed().as_secs_f64()
+        ));
+    }
+
+    for (package, binary, args) in WINE_BINARIES {
+        let exes = wine_env.build(root, &["build", "-p", package, "--bin", binary])?;
+        let exe = exes
+            .iter()
+            .find(|e| e.file_stem().is_some_and(|s| s == *binary))
+            .with_context(|| format!("cargo did not report the {binary} executable"))?;
+        install_shim(&shim, exe)?;
+        say(&format!("wine {} {}", exe.display(), args.join(" ")));
+        let started = Instant::now();
+        let mut command = wine_env.command("wine");
+        command.arg(exe).args(*args);
+        run_bounded(command, &format!("{binary} {}", args.join(" ")))?;
+        say(&format!(
+            "ok   {binary} {} under wine ({:.1} s)",
+            args.join(" "),
             started.elapsed().as_secs_f64()
         ));
     }

@@ -1,8 +1,8 @@
 //! `kdpilot demo`: the whole thing against the built-in simulator, for a first look.
 //!
-//! Starts a simulated Windows target on a pseudo-terminal (a TCP port where there are no
-//! ptys), throttled to a real serial line's speed, and runs `kdpilot probe` against it through
-//! the same serial transport a COM port uses.
+//! Starts a simulated Windows target, throttled to a real serial line's speed, on a
+//! pseudo-terminal (Unix: kdpilot opens it through the same serial transport a COM port uses)
+//! or a named pipe (Windows: as a VM's COM port), and runs `kdpilot probe` against it.
 
 use std::time::Duration;
 
@@ -45,7 +45,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     target.abort();
     let report = report?;
     print(&report)?;
-    print("\nThe target was broken into, identified and resumed over a KD serial link.\n")?;
+    print("\nThe target was broken into, identified and resumed over a KD link.\n")?;
     Ok(())
 }
 
@@ -74,7 +74,33 @@ async fn start_target(
     Ok((endpoint, task))
 }
 
-#[cfg(not(unix))]
+/// On Windows the simulated VM's COM port is a named pipe, as Hyper-V and VMware make it.
+#[cfg(windows)]
+async fn start_target(
+    machine: &mut Machine,
+    model: LineModel,
+) -> anyhow::Result<(Endpoint, tokio::task::JoinHandle<()>)> {
+    use tokio::net::windows::named_pipe::ServerOptions;
+    let name = format!(r"\\.\pipe\kdpilot-demo-{}", std::process::id());
+    let server = ServerOptions::new()
+        .first_pipe_instance(true)
+        .create(&name)?;
+    let mut machine = machine.clone();
+    let task = tokio::spawn(async move {
+        if server.connect().await.is_ok() {
+            let _ = serve(
+                FaultyLine::new(server, model),
+                &mut machine,
+                &TargetOptions::default(),
+            )
+            .await;
+        }
+    });
+    let endpoint: Endpoint = format!("com:pipe,port={name}").parse()?;
+    Ok((endpoint, task))
+}
+
+#[cfg(not(any(unix, windows)))]
 async fn start_target(
     machine: &mut Machine,
     model: LineModel,

@@ -1,8 +1,6 @@
 //! `kdpilot sim`: serve the simulated Windows target, for trying kdpilot (or another debugger)
 //! without a Windows machine.
 
-use std::time::Duration;
-
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 use kdpilot_kd::Arch;
@@ -24,7 +22,7 @@ pub enum SimArch {
 #[derive(Debug, Args)]
 pub struct SimArgs {
     /// Where to serve the target's debug port: `pty` (a pseudo-terminal that kdpilot opens as a
-    /// COM port), `tcp:HOST:PORT` or `unix:PATH`
+    /// COM port), `tcp:HOST:PORT`, `unix:PATH`, or on Windows `pipe:\\.\pipe\NAME`
     #[arg(long, value_name = "WHERE", default_value = "pty")]
     pub listen: String,
 
@@ -157,8 +155,25 @@ async fn serve_on(
             session(sock, machine, options, model).await;
         }
     }
+    #[cfg(windows)]
+    if let Some(name) = listen.strip_prefix("pipe:") {
+        use tokio::net::windows::named_pipe::ServerOptions;
+        eprintln!("kdpilot sim: {}", describe(machine));
+        eprintln!("kdpilot sim: connect with --target com:pipe,port={name},reconnect");
+        let mut first = true;
+        loop {
+            let server = ServerOptions::new()
+                .first_pipe_instance(first)
+                .create(name)
+                .with_context(|| format!("could not create named pipe {name}"))?;
+            first = false;
+            server.connect().await?;
+            eprintln!("kdpilot sim: host attached");
+            session(server, machine, options, model).await;
+        }
+    }
     Err(CliError::usage(anyhow::anyhow!(
-        "--listen {listen}: expected pty, tcp:HOST:PORT or unix:PATH"
+        "--listen {listen}: expected pty, tcp:HOST:PORT, unix:PATH or (Windows) pipe:\\\\.\\pipe\\NAME"
     ))
     .into())
 }
@@ -200,7 +215,7 @@ async fn serve_pty(
             options,
         )
         .await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
 
