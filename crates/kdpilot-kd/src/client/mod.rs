@@ -13,7 +13,7 @@
 mod link;
 mod session;
 mod timing;
-mod unsolicited;
+pub mod unsolicited;
 
 pub use link::{KdLink, LinkStats, Received};
 pub use session::{ClientConfig, Connection, Running, Stopped, WaitOutcome};

@@ -19,7 +19,7 @@ pub(super) async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         packet_type::KD_DEBUG_IO => {
             let io = DebugIo::parse(&p.payload)?;
             if io.is_prompt() {
-                tracing::warn!(prompt = %io.text().trim_end(), answer = %config.prompt_answer, "target asked a question (DbgPrompt); answering");
+                tracing::warn!(prompt = %printable(&io.text()), answer = %config.prompt_answer, "target asked a question (DbgPrompt); answering");
                 let reply = io.prompt_reply(config.prompt_answer.as_bytes());
                 link.send(packet_type::KD_DEBUG_IO, reply.encode(), None)
                     .await?;
@@ -28,7 +28,7 @@ pub(super) async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                     answer: config.prompt_answer.clone(),
                 });
             } else {
-                tracing::info!(target: "kdpilot::dbgprint", "{}", io.text().trim_end());
+                tracing::info!(target: "kdpilot::dbgprint", "{}", printable(&io.text()));
                 config
                     .sink
                     .emit(ClientEvent::DebugPrint(io.string().to_vec()));
@@ -55,4 +55,33 @@ pub(super) async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     Ok(())
+}
+
+/// Target text made safe for a terminal: control characters (escape sequences included) are
+/// shown as `\x1b`-style escapes, the trailing newline is dropped.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.trim_end_matches(['\r', '\n']).chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn escape_sequences_are_neutralised() {
+        assert_eq!(
+            printable("\x1b[31mred\x1b[0m\n"),
+            "\\u{1b}[31mred\\u{1b}[0m"
+        );
+        assert_eq!(printable("a\tb\nc\r\n"), "a\tb\nc");
+        assert_eq!(printable("bell\x07"), "bell\\u{7}");
+    }
 }
