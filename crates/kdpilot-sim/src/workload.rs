@@ -1,0 +1,489 @@
+//! The workload: kernel threads that allocate (and free) pool along real call paths of the
+//! fixture images, stopping wherever a debugger would make them stop, and the ground truth of
+//! every allocation for the tests.
+//!
+//! An allocation walks its path outermost first: a driver function chain (from the scenario),
+//! the allocator API it calls, and the kernel-internal continuation of that API, which depends
+//! on the kernel flavour (classic: ExAllocatePoolWithTag → MmAllocateSpecialPool; modern: every
+//! API → ExAllocateHeapPool → ExAllocateHeapSpecialPool) and on the tag (special pool for
+//! `MmSpecialPoolTag`, a break into the debugger for `PoolHitTag`). At each function entry it
+//! stops if a debugger breakpoint (an int3 from the breakpoint table) or an enabled hardware
+//! execution breakpoint is there. The registers and stack at a stop are built from the images'
+//! unwind information ([`crate::frames`]) and the return addresses of the real `call`
+//! instructions ([`crate::callsites`]).
+
+use std::collections::BTreeMap;
+
+use kdpilot_kd::context::{Amd64Reg, Context};
+use kdpilot_kd::wire::status;
+use kdpilot_kd::Arch;
+
+use crate::callsites::{calls_to, CallKind};
+use crate::frames::{build_amd64, FrameError, MappedImage, PathStep};
+use crate::memory::Memory;
+use crate::pdbmap::PdbMap;
+
+/// What the workload needs from the simulated machine.
+pub trait KernelView {
+    /// Architecture.
+    fn arch(&self) -> Arch;
+    /// Target memory.
+    fn memory(&mut self) -> &mut Memory;
+    /// Where the image with this module name ("nt", "hal", "leakydrv") is loaded this boot.
+    fn image(&self, module: &str) -> Option<MappedImage>;
+    /// Changes on every boot (images move).
+    fn boot_id(&self) -> u64;
+    /// Whether a debugger breakpoint (int3 from the breakpoint table) is at `va` now.
+    fn breakpoint_at(&self, va: u64) -> bool;
+    /// The index (0-3) of an enabled hardware execution breakpoint at `va`, if any.
+    fn hardware_breakpoint_at(&self, va: u64) -> Option<u8>;
+    /// Number of processors.
+    fn processors(&self) -> u32;
+    /// The register context of a processor.
+    fn context(&self, cpu: u16) -> Option<&Context>;
+    /// Sets the register context of a processor.
+    fn set_context(&mut self, cpu: u16, ctx: Context);
+}
+
+/// Which allocator API a driver path calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllocApi {
+    /// ExAllocatePoolWithTag(PoolType, NumberOfBytes, Tag).
+    PoolWithTag,
+    /// ExAllocatePool2(Flags, NumberOfBytes, Tag).
+    Pool2,
+}
+
+impl AllocApi {
+    fn function(self) -> &'static str {
+        match self {
+            AllocApi::PoolWithTag => "ExAllocatePoolWithTag",
+            AllocApi::Pool2 => "ExAllocatePool2",
+        }
+    }
+}
+
+/// One kind of allocation the workload makes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllocationSpec {
+    /// The calling chain, outermost first, as `module!function`, ending with the function that
+    /// calls the allocator (e.g. `["nt!KiCallDriverEntry", "leakydrv!DriverEntry",
+    /// "leakydrv!LeakyWorker", "leakydrv!LeakyAllocPushes"]`).
+    pub path: Vec<String>,
+    /// The API the last function calls.
+    pub api: AllocApi,
+    /// Pool tag (as the little-endian u32 of the 4 characters).
+    pub tag: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// POOL_TYPE (or POOL_FLAG_* for ExAllocatePool2).
+    pub pool_type: u64,
+    /// Relative frequency among the specs.
+    pub weight: u32,
+}
+
+/// One frame of the ground truth: `module!function+offset`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TruthFrame {
+    /// Module name ("nt", "leakydrv").
+    pub module: String,
+    /// Function name.
+    pub function: String,
+    /// Offset from the function start (0 at the stop; the return address offset in callers).
+    pub offset: u64,
+}
+
+/// What really happened, for the tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TruthRecord {
+    /// Sequence number (all allocations, all boots).
+    pub seq: u64,
+    /// Boot number it happened in.
+    pub boot: u64,
+    /// Tag, size and pool type as passed.
+    pub tag: u32,
+    /// Size.
+    pub size: u64,
+    /// Pool type.
+    pub pool_type: u64,
+    /// Processor and thread.
+    pub cpu: u16,
+    /// KTHREAD address.
+    pub thread: u64,
+    /// Where the debugger stopped it, each with the stack innermost first.
+    pub stops: Vec<Vec<TruthFrame>>,
+    /// The whole path the allocation took, outermost first (`module!function`).
+    pub path: Vec<String>,
+    /// Whether it went to special pool.
+    pub special_pool: bool,
+}
+
+/// A stop the workload asks the kernel to report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkloadStop {
+    /// Processor.
+    pub cpu: u16,
+    /// Exception code (STATUS_BREAKPOINT for int3, STATUS_SINGLE_STEP for a hardware breakpoint).
+    pub code: u32,
+    /// Where.
+    pub pc: u64,
+    /// KTHREAD.
+    pub thread: u64,
+    /// Hardware breakpoint index (sets Dr6 bit), if that is what stopped it.
+    pub dr6_hit: Option<u8>,
+}
+
+/// Why the workload could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
+    /// A `module!function` is not in the module's PDB, or the module is not loaded.
+    #[error("unknown function {0}")]
+    UnknownFunction(String),
+    /// The caller has no call to the callee.
+    #[error("{caller} does not call {callee}")]
+    NoCall {
+        /// Caller.
+        caller: String,
+        /// Callee.
+        callee: String,
+    },
+    /// Building the frames failed.
+    #[error(transparent)]
+    Frames(#[from] FrameError),
+    /// The architecture is not supported by the frame builder yet.
+    #[error("stack synthesis for {0} is not implemented")]
+    Arch(Arch),
+}
+
+/// The per-boot resolution of names to addresses.
+#[derive(Clone, Debug, Default)]
+struct Resolved {
+    boot: u64,
+    functions: BTreeMap<String, (u64, u32, MappedImage)>,
+    call_sites: BTreeMap<(String, String), u64>,
+}
+
+/// The allocating threads.
+#[derive(Debug)]
+pub struct Workload {
+    specs: Vec<AllocationSpec>,
+    pdbs: BTreeMap<String, PdbMap>,
+    seed: u64,
+    seq: u64,
+    /// Everything that happened, in order.
+    pub truth: Vec<TruthRecord>,
+    resolved: Resolved,
+    /// The allocation in progress: its record index, steps, and the next step to run.
+    current: Option<InFlight>,
+    /// Where thread stacks live (one per processor).
+    pub stack_base: u64,
+}
+
+#[derive(Clone, Debug)]
+struct InFlight {
+    record: usize,
+    steps: Vec<String>,
+    args: [u64; 4],
+    next: usize,
+    stopped_at: Option<u64>,
+}
+
+/// Kernel functions the allocator path may go through after the API.
+const HIT_BREAK: &str = "DbgBreakPoint";
+
+impl Workload {
+    /// A workload over images whose PDBs are given by module name (`"nt"`, `"leakydrv"`).
+    pub fn new(specs: Vec<AllocationSpec>, pdbs: BTreeMap<String, PdbMap>, seed: u64) -> Self {
+        Self {
+            specs,
+            pdbs,
+            seed,
+            seq: 0,
+            truth: Vec::new(),
+            resolved: Resolved::default(),
+            current: None,
+            stack_base: 0xffff_f880_0100_0000,
+        }
+    }
+
+    fn is_modern(&self) -> bool {
+        self.pdbs.get("nt").is_some_and(|p| p.function("ExAllocateHeapPool").is_some())
+    }
+
+    fn resolve(&mut self, k: &dyn KernelView, name: &str) -> Result<(u64, u32, MappedImage), WorkloadError> {
+        if let Some(f) = self.resolved.functions.get(name) {
+            return Ok(*f);
+        }
+        let (module, function) = name.split_once('!').ok_or_else(|| WorkloadError::UnknownFunction(name.into()))?;
+        let image = k.image(module).ok_or_else(|| WorkloadError::UnknownFunction(name.into()))?;
+        let (rva, len) = self
+            .pdbs
+            .get(module)
+            .and_then(|p| p.function(function))
+            .ok_or_else(|| WorkloadError::UnknownFunction(name.into()))?;
+        let f = (image.base + u64::from(rva), len, image);
+        self.resolved.functions.insert(name.into(), f);
+        Ok(f)
+    }
+
+    fn call_site(&mut self, k: &mut dyn KernelView, caller: &str, callee: &str) -> Result<u64, WorkloadError> {
+        let key = (caller.to_string(), callee.to_string());
+        if let Some(r) = self.resolved.call_sites.get(&key) {
+            return Ok(*r);
+        }
+        let (start, len, _) = self.resolve(k, caller)?;
+        let (target, _, _) = self.resolve(k, callee)?;
+        let arch = k.arch();
+        let calls = calls_to(k.memory(), arch, start, len, target);
+        let ret = calls
+            .iter()
+            .find(|(_, kind)| *kind != CallKind::Indirect)
+            .or_else(|| calls.iter().find(|(_, kind)| *kind == CallKind::Indirect))
+            .map(|(r, _)| *r)
+            .ok_or_else(|| WorkloadError::NoCall { caller: caller.into(), callee: callee.into() })?;
+        self.resolved.call_sites.insert(key, ret);
+        Ok(ret)
+    }
+
+    /// The whole path of an allocation: driver chain, API, kernel continuation.
+    fn kernel_path(&self, spec: &AllocationSpec, special: bool, hit: bool) -> Vec<String> {
+        let nt = |f: &str| format!("nt!{f}");
+        let mut path = spec.path.clone();
+        path.push(nt(spec.api.function()));
+        if self.is_modern() {
+            path.push(nt("ExAllocateHeapPool"));
+            if hit {
+                path.push(nt(HIT_BREAK));
+            } else if special {
+                path.push(nt("ExAllocateHeapSpecialPool"));
+            } else {
+                path.push(nt("RtlpHpAllocateHeap"));
+            }
+        } else {
+            if spec.api == AllocApi::Pool2 {
+                path.push(nt("ExAllocatePoolWithTag"));
+            }
+            if hit {
+                path.push(nt(HIT_BREAK));
+            } else if special {
+                path.push(nt("MmAllocateSpecialPool"));
+            } else {
+                path.push(nt("ExpAllocateNormalPool"));
+            }
+        }
+        path
+    }
+
+    /// A u32 kernel global by name (PoolHitTag, MmSpecialPoolTag).
+    fn kernel_u32(&self, k: &mut dyn KernelView, name: &str) -> Option<u32> {
+        let rva = *self.pdbs.get("nt")?.data.get(name)?;
+        let base = k.image("nt")?.base;
+        let b = k.memory().read(base + u64::from(rva), 4);
+        b.try_into().ok().map(u32::from_le_bytes)
+    }
+
+    /// Starts the next allocation and runs it until it stops or completes. Returns the stop,
+    /// if any. Also resumes an allocation that was stopped.
+    pub fn step(&mut self, k: &mut dyn KernelView) -> Result<Option<WorkloadStop>, WorkloadError> {
+        if self.resolved.boot != k.boot_id() {
+            self.resolved = Resolved { boot: k.boot_id(), ..Resolved::default() };
+            self.current = None;
+        }
+        if self.current.is_none() {
+            self.start_allocation(k)?;
+        }
+        self.run(k)
+    }
+
+    fn start_allocation(&mut self, k: &mut dyn KernelView) -> Result<(), WorkloadError> {
+        if self.specs.is_empty() {
+            return Ok(());
+        }
+        let total: u64 = self.specs.iter().map(|s| u64::from(s.weight.max(1))).sum();
+        let mut pick = mix(self.seed ^ self.seq) % total.max(1);
+        let spec = self
+            .specs
+            .iter()
+            .find(|s| {
+                let w = u64::from(s.weight.max(1));
+                if pick < w {
+                    true
+                } else {
+                    pick -= w;
+                    false
+                }
+            })
+            .cloned()
+            .unwrap_or_else(|| self.specs[0].clone());
+        let hit_tag = self.kernel_u32(k, "PoolHitTag").unwrap_or(0);
+        let special_tag = self.kernel_u32(k, "MmSpecialPoolTag").unwrap_or(0);
+        let hit = hit_tag != 0 && spec.tag == hit_tag;
+        let special = !hit && special_matches(special_tag, spec.tag) && spec.size <= 4096 - 16;
+        let steps = self.kernel_path(&spec, special, hit);
+        let cpu = (self.seq % u64::from(k.processors().max(1))) as u16;
+        let thread = self.stack_base + 0x10_0000 + u64::from(cpu) * 0x1000;
+        let rec = TruthRecord {
+            seq: self.seq,
+            boot: k.boot_id(),
+            tag: spec.tag,
+            size: spec.size,
+            pool_type: spec.pool_type,
+            cpu,
+            thread,
+            stops: Vec::new(),
+            path: steps.clone(),
+            special_pool: special,
+        };
+        self.truth.push(rec);
+        self.current = Some(InFlight {
+            record: self.truth.len() - 1,
+            steps,
+            args: [spec.pool_type, spec.size, u64::from(spec.tag), 0],
+            next: 0,
+            stopped_at: None,
+        });
+        self.seq += 1;
+        Ok(())
+    }
+
+    fn run(&mut self, k: &mut dyn KernelView) -> Result<Option<WorkloadStop>, WorkloadError> {
+        let Some(mut cur) = self.current.take() else {
+            return Ok(None);
+        };
+        let rec = self.truth.get(cur.record).cloned();
+        let Some(rec) = rec else {
+            return Ok(None);
+        };
+        // A stop at a planted int3 that the host resumed without stepping over re-executes it.
+        if let Some(pc) = cur.stopped_at.take() {
+            let still_there = k.context(rec.cpu).is_some_and(|c| c.pc() == pc) && k.breakpoint_at(pc);
+            if still_there {
+                let stop = self.stop_here(k, &cur, &rec, cur.next.saturating_sub(1), status::BREAKPOINT, None)?;
+                cur.stopped_at = Some(pc);
+                self.current = Some(cur);
+                return Ok(Some(stop));
+            }
+        }
+        while cur.next < cur.steps.len() {
+            let i = cur.next;
+            cur.next += 1;
+            let name = cur.steps.get(i).cloned().unwrap_or_default();
+            let (entry, _, _) = self.resolve(k, &name)?;
+            let is_hit_break = name.ends_with(HIT_BREAK);
+            let stop = if is_hit_break {
+                // The kernel's own int3 inside DbgBreakPoint.
+                Some((status::BREAKPOINT, None))
+            } else if k.breakpoint_at(entry) {
+                Some((status::BREAKPOINT, None))
+            } else {
+                k.hardware_breakpoint_at(entry).map(|n| (status::SINGLE_STEP, Some(n)))
+            };
+            if let Some((code, dr)) = stop {
+                let s = self.stop_here(k, &cur, &rec, i, code, dr)?;
+                cur.stopped_at = (dr.is_none() && !is_hit_break).then_some(entry);
+                self.current = Some(cur);
+                return Ok(Some(s));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Builds the registers and stack for a stop at the entry of step `i` and records it.
+    fn stop_here(
+        &mut self,
+        k: &mut dyn KernelView,
+        cur: &InFlight,
+        rec: &TruthRecord,
+        i: usize,
+        code: u32,
+        dr6_hit: Option<u8>,
+    ) -> Result<WorkloadStop, WorkloadError> {
+        if k.arch() != Arch::Amd64 {
+            return Err(WorkloadError::Arch(k.arch()));
+        }
+        let names: Vec<String> = cur.steps.iter().take(i + 1).cloned().collect();
+        let mut steps = Vec::with_capacity(names.len());
+        let mut truth = Vec::with_capacity(names.len());
+        for (j, name) in names.iter().enumerate() {
+            let (entry, _, image) = self.resolve(k, name)?;
+            let ret = match names.get(j + 1) {
+                Some(next) => self.call_site(k, name, next)?,
+                None => 0,
+            };
+            steps.push(PathStep { function: entry, image, return_address: ret, dynamic_alloc: 0x40 });
+            let (module, function) = name.split_once('!').unwrap_or(("?", name));
+            // Innermost frame: offset 0 (the stop is at the entry); callers: the return address.
+            let offset = names.get(j + 1).map_or(0, |_| ret - entry);
+            truth.push(TruthFrame { module: module.into(), function: function.into(), offset });
+        }
+        truth.reverse();
+        let top = self.stack_base + u64::from(rec.cpu) * 0x10000 + 0xF000;
+        k.memory().map(top - 0x8000, 0x8000);
+        let mut n = mix(self.seed ^ (rec.seq << 8));
+        let (mut ctx, _frames) = build_amd64(k.memory(), &steps, top, || {
+            n = mix(n);
+            0xffff_a000_0000_0000 | (n & 0x0000_0fff_ffff_fff0)
+        })?;
+        // The arguments of the function stopped at.
+        let stopped = names.last().map(String::as_str).unwrap_or("");
+        let args = args_for(stopped, cur.args);
+        if let Context::Amd64(c) = &mut ctx {
+            c.set(Amd64Reg::Rcx, args[0]);
+            c.set(Amd64Reg::Rdx, args[1]);
+            c.set(Amd64Reg::R8, args[2]);
+            c.set(Amd64Reg::R9, args[3]);
+        }
+        let pc = ctx.pc();
+        k.set_context(rec.cpu, ctx);
+        if let Some(r) = self.truth.get_mut(cur.record) {
+            r.stops.push(truth);
+        }
+        Ok(WorkloadStop { cpu: rec.cpu, code, pc, thread: rec.thread, dr6_hit })
+    }
+
+    /// Whether an allocation is stopped in the debugger or waiting to go on.
+    pub fn in_flight(&self) -> bool {
+        self.current.is_some()
+    }
+}
+
+/// Arguments as the stopped function sees them, from (PoolType, Size, Tag, -).
+fn args_for(function: &str, [pool_type, size, tag, _]: [u64; 4]) -> [u64; 4] {
+    let f = function.rsplit('!').next().unwrap_or(function);
+    match f {
+        // MmAllocateSpecialPool(NumberOfBytes, Tag, PoolType, SpecialPoolType)
+        "MmAllocateSpecialPool" => [size, tag, pool_type, 2],
+        // ExAllocateHeapPool(PoolType, Size, Tag, Node)
+        "ExAllocateHeapPool" => [pool_type, size, tag, 0x8000_0000],
+        // RtlpHpAllocateHeap(Heap, Size, Flags, Tag)
+        "RtlpHpAllocateHeap" => [0, size, pool_type, tag],
+        "DbgBreakPoint" => [0, 0, 0, 0],
+        _ => [pool_type, size, tag, 0],
+    }
+}
+
+/// Special pool's tag match: `?` matches one byte, `*` the rest (little-endian bytes).
+pub fn special_matches(pattern: u32, tag: u32) -> bool {
+    if pattern == 0 {
+        return false;
+    }
+    let p = pattern.to_le_bytes();
+    let t = tag.to_le_bytes();
+    for (a, b) in p.iter().zip(t.iter()) {
+        match *a {
+            b'*' => return true,
+            b'?' => {}
+            c if c == *b => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^ (x >> 33)
+}

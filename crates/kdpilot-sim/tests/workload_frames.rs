@@ -1,0 +1,198 @@
+//! The workload's stacks against an independent unwinder: for every driver path of the x64
+//! fixture kernels (classic and modern), stop at each function of the allocator path, then
+//! unwind the synthesized registers and stack with `pe-unwind-info` over the mapped images and
+//! check that it recovers exactly the ground-truth frames (module, function, offset).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use kdpilot_kd::context::{Amd64Reg, Context};
+use kdpilot_kd::Arch;
+use kdpilot_sim::frames::MappedImage;
+use kdpilot_sim::loader::{load_image, ImageSource, LoadedImage};
+use kdpilot_sim::memory::Memory;
+use kdpilot_sim::pdbmap::PdbMap;
+use kdpilot_sim::workload::{AllocApi, AllocationSpec, KernelView, TruthFrame, Workload};
+use pe_unwind_info::x86_64::{FunctionTableEntries, Register, UnwindState, XmmRegister};
+
+const LEAK: u32 = u32::from_le_bytes(*b"Leak");
+
+fn fixture(arch: &str, flavour: &str, file: &str) -> Vec<u8> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/out").join(arch).join(flavour).join(file);
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+struct Kernel {
+    mem: Memory,
+    images: Vec<(String, LoadedImage)>,
+    bps: BTreeSet<u64>,
+    contexts: Vec<Context>,
+}
+
+impl KernelView for Kernel {
+    fn arch(&self) -> Arch {
+        Arch::Amd64
+    }
+    fn memory(&mut self) -> &mut Memory {
+        &mut self.mem
+    }
+    fn image(&self, module: &str) -> Option<MappedImage> {
+        self.images.iter().find(|(m, _)| m == module).map(|(_, i)| MappedImage { base: i.base, size: i.size })
+    }
+    fn boot_id(&self) -> u64 {
+        1
+    }
+    fn breakpoint_at(&self, va: u64) -> bool {
+        self.bps.contains(&va)
+    }
+    fn hardware_breakpoint_at(&self, _va: u64) -> Option<u8> {
+        None
+    }
+    fn processors(&self) -> u32 {
+        2
+    }
+    fn context(&self, cpu: u16) -> Option<&Context> {
+        self.contexts.get(usize::from(cpu))
+    }
+    fn set_context(&mut self, cpu: u16, ctx: Context) {
+        if let Some(c) = self.contexts.get_mut(usize::from(cpu)) {
+            *c = ctx;
+        }
+    }
+}
+
+fn boot(flavour: &str) -> (Kernel, BTreeMap<String, PdbMap>) {
+    let mut mem = Memory::new();
+    let mut images: Vec<(String, LoadedImage)> = Vec::new();
+    let mut pdbs = BTreeMap::new();
+    for (module, file, pdb, base) in [
+        ("nt", "ntoskrnl.exe", "ntkrnlmp.pdb", 0xfffff804_1c600000u64),
+        ("hal", "hal.dll", "hal.pdb", 0xfffff804_1c400000),
+        ("leakydrv", "leakydrv.sys", "leakydrv.pdb", 0xfffff804_2a010000),
+    ] {
+        let src = if module == "leakydrv" {
+            ImageSource::driver(file, fixture("x64", flavour, file))
+        } else {
+            ImageSource::system(file, fixture("x64", flavour, file))
+        };
+        let loaded: Vec<LoadedImage> = images.iter().map(|(_, i)| i.clone()).collect();
+        let img = load_image(&mut mem, Arch::Amd64, &src, base, &loaded).expect("load");
+        images.push((module.to_string(), img));
+        pdbs.insert(module.to_string(), PdbMap::parse(&fixture("x64", flavour, pdb)).expect("pdb"));
+    }
+    let contexts = vec![Context::zeroed(Arch::Amd64), Context::zeroed(Arch::Amd64)];
+    (Kernel { mem, images, bps: BTreeSet::new(), contexts }, pdbs)
+}
+
+struct State<'a> {
+    regs: BTreeMap<u8, u64>,
+    mem: &'a Memory,
+}
+
+fn reg_index(r: Register) -> u8 {
+    r as u8
+}
+
+impl UnwindState for State<'_> {
+    fn read_register(&mut self, register: Register) -> u64 {
+        self.regs.get(&reg_index(register)).copied().unwrap_or(0)
+    }
+    fn read_stack(&mut self, addr: u64) -> Option<u64> {
+        self.mem.read(addr, 8).try_into().ok().map(u64::from_le_bytes)
+    }
+    fn write_register(&mut self, register: Register, value: u64) {
+        self.regs.insert(reg_index(register), value);
+    }
+    fn write_xmm_register(&mut self, _register: XmmRegister, _value: u128) {}
+}
+
+/// Unwinds with pe-unwind-info and names every frame from the PDBs.
+fn unwind(k: &Kernel, pdbs: &BTreeMap<String, PdbMap>, ctx: &Context) -> Vec<TruthFrame> {
+    let Context::Amd64(c) = ctx else { panic!("x64 context") };
+    let order = [
+        Amd64Reg::Rax, Amd64Reg::Rcx, Amd64Reg::Rdx, Amd64Reg::Rbx, Amd64Reg::Rsp, Amd64Reg::Rbp, Amd64Reg::Rsi, Amd64Reg::Rdi,
+        Amd64Reg::R8, Amd64Reg::R9, Amd64Reg::R10, Amd64Reg::R11, Amd64Reg::R12, Amd64Reg::R13, Amd64Reg::R14, Amd64Reg::R15,
+    ];
+    let regs = order.iter().enumerate().map(|(i, r)| (i as u8, c.get(*r))).collect();
+    let mut st = State { regs, mem: &k.mem };
+    let mut pc = ctx.pc();
+    let mut out = Vec::new();
+    for depth in 0..32 {
+        let Some((module, img)) = k.images.iter().find(|(_, i)| i.contains(pc)) else { break };
+        let rva = (pc - img.base) as u32;
+        let lookup_rva = if depth == 0 { rva } else { rva - 1 };
+        let (name, off) = pdbs[module].function_at(lookup_rva).expect("named");
+        let off = if depth == 0 { off } else { off + 1 };
+        out.push(TruthFrame { module: module.clone(), function: name.to_string(), offset: u64::from(off) });
+        let bytes = k.mem.read(img.base, img.size as usize);
+        let (dir, size) = img.exception_directory;
+        let table = FunctionTableEntries::parse(&bytes[dir as usize..(dir + size) as usize]);
+        let next = table.unwind_frame(&mut st, |r| bytes.get(r as usize..), lookup_rva);
+        match next {
+            Some(ret) if ret != 0 => pc = ret,
+            _ => break,
+        }
+    }
+    out
+}
+
+fn driver_paths() -> Vec<(Vec<&'static str>, AllocApi)> {
+    let base = ["nt!KiCallDriverEntry", "leakydrv!DriverEntry", "leakydrv!LeakyWorker"];
+    let with = |f: &'static str| base.iter().copied().chain([f]).collect::<Vec<_>>();
+    vec![
+        (with("leakydrv!LeakyAllocFramePointer"), AllocApi::PoolWithTag),
+        (with("leakydrv!LeakyAllocPushes"), AllocApi::PoolWithTag),
+        (with("leakydrv!LeakyAllocLargeLocals"), AllocApi::PoolWithTag),
+        (with("leakydrv!LeakyAllocViaPool2"), AllocApi::Pool2),
+    ]
+}
+
+#[test]
+fn unwinding_the_synthesized_stacks_gives_the_ground_truth() {
+    for flavour in ["classic", "modern"] {
+        for (path, api) in driver_paths() {
+            let (mut k, pdbs) = boot(flavour);
+            // Plant "breakpoints" on every function of the path: each allocation stops at each.
+            let spec = AllocationSpec {
+                path: path.iter().map(|s| s.to_string()).collect(),
+                api,
+                tag: LEAK,
+                size: 0x40,
+                pool_type: 0x200,
+                weight: 1,
+            };
+            let mut w = Workload::new(vec![spec], pdbs.clone(), 7);
+            // Resolve every function on the full path and plant a breakpoint at each entry.
+            let probe = w.step(&mut k).expect("first step"); // no breakpoints yet: runs through
+            assert!(probe.is_none());
+            let full = w.truth[0].path.clone();
+            for name in &full {
+                let (m, f) = name.split_once('!').unwrap();
+                let img = k.image(m).unwrap();
+                let (rva, _) = pdbs[m].function(f).unwrap_or_else(|| panic!("{name} not in the PDB"));
+                k.bps.insert(img.base + u64::from(rva));
+            }
+            let mut stops = 0;
+            loop {
+                match w.step(&mut k).expect("step") {
+                    Some(stop) => {
+                        // The host would step over; here: remove the breakpoint so it runs on.
+                        k.bps.remove(&stop.pc);
+                        let ctx = k.context(stop.cpu).unwrap().clone();
+                        let got = unwind(&k, &pdbs, &ctx);
+                        let want = w.truth[1].stops.last().unwrap().clone();
+                        assert_eq!(got, want, "{flavour} {path:?} stop {stops}");
+                        assert_eq!(got.len(), stops + 1, "every frame down to the stop is recovered");
+                        if std::env::var_os("SHOW_FRAMES").is_some() { eprintln!("{got:?}"); }
+                        stops += 1;
+                    }
+                    None => break,
+                }
+                if !w.in_flight() {
+                    break;
+                }
+            }
+            assert_eq!(stops, full.len(), "{flavour} {path:?}: one stop per function");
+        }
+    }
+}
