@@ -5,6 +5,7 @@
 
 use std::process::ExitCode;
 
+mod fixtures;
 mod fuzz;
 mod windows;
 
@@ -18,6 +19,11 @@ struct Command {
 
 /// Every subcommand, in `help` order.
 const COMMANDS: &[Command] = &[
+    Command {
+        name: "fixtures",
+        about: fixtures::ABOUT,
+        run: fixtures::run,
+    },
     Command {
         name: "fuzz",
         about: fuzz::ABOUT,
