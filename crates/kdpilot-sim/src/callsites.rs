@@ -20,7 +20,13 @@ pub enum CallKind {
 /// Return addresses of every call in `[start, start+len)` that reaches `target`, in address
 /// order. Indirect calls through a register match any target (the caller passes a function
 /// pointer) and are reported as [`CallKind::Indirect`].
-pub fn calls_to(mem: &Memory, arch: Arch, start: u64, len: u32, target: u64) -> Vec<(u64, CallKind)> {
+pub fn calls_to(
+    mem: &Memory,
+    arch: Arch,
+    start: u64,
+    len: u32,
+    target: u64,
+) -> Vec<(u64, CallKind)> {
     let code = mem.read(start, len as usize);
     let bitness = match arch {
         Arch::Amd64 => 64,
@@ -34,12 +40,15 @@ pub fn calls_to(mem: &Memory, arch: Arch, start: u64, len: u32, target: u64) -> 
         }
         let kind = match instr.op0_kind() {
             OpKind::NearBranch64 | OpKind::NearBranch32 | OpKind::NearBranch16 => {
-                (arch.canonical_address(instr.near_branch_target()) == target).then_some(CallKind::Direct)
+                (arch.canonical_address(instr.near_branch_target()) == target)
+                    .then_some(CallKind::Direct)
             }
             OpKind::Memory => {
                 let slot = if instr.is_ip_rel_memory_operand() {
                     Some(instr.ip_rel_memory_address())
-                } else if instr.memory_base() == Register::None && instr.memory_index() == Register::None {
+                } else if instr.memory_base() == Register::None
+                    && instr.memory_index() == Register::None
+                {
                     Some(instr.memory_displacement64())
                 } else {
                     None
@@ -49,7 +58,9 @@ pub fn calls_to(mem: &Memory, arch: Arch, start: u64, len: u32, target: u64) -> 
                         let ptr = mem.read(arch.canonical_address(slot), arch.pointer_size());
                         let value = match arch {
                             Arch::Amd64 => ptr.try_into().map(u64::from_le_bytes).ok(),
-                            Arch::X86 => <[u8; 4]>::try_from(ptr).map(|b| arch.canonical_address(u64::from(u32::from_le_bytes(b)))).ok(),
+                            Arch::X86 => <[u8; 4]>::try_from(ptr)
+                                .map(|b| arch.canonical_address(u64::from(u32::from_le_bytes(b))))
+                                .ok(),
                         };
                         (value == Some(target)).then_some(CallKind::Import)
                     }

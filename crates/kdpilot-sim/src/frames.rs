@@ -87,7 +87,9 @@ impl MappedImage {
     /// The RUNTIME_FUNCTION (begin, end, unwind info RVA) covering `va`.
     fn runtime_function(&self, mem: &Memory, va: u64) -> Result<(u32, u32, u32), FrameError> {
         let (rva, size) = self.exception_directory(mem)?;
-        let rel = va.checked_sub(self.base).ok_or(FrameError::NoUnwindInfo(va))?;
+        let rel = va
+            .checked_sub(self.base)
+            .ok_or(FrameError::NoUnwindInfo(va))?;
         let count = (size / 12).min(100_000);
         // The table is sorted by BeginAddress: binary search.
         let (mut lo, mut hi) = (0u32, count);
@@ -121,7 +123,11 @@ enum PrologOp {
 
 /// The prologue of the function containing `va`, in execution order, with the start of the
 /// primary function (for code in a chained fragment, the function it was split from).
-fn prologue(mem: &Memory, image: &MappedImage, va: u64) -> Result<(u64, Vec<PrologOp>), FrameError> {
+fn prologue(
+    mem: &Memory,
+    image: &MappedImage,
+    va: u64,
+) -> Result<(u64, Vec<PrologOp>), FrameError> {
     let (begin, _end, mut unwind_rva) = image.runtime_function(mem, va)?;
     let mut function = image.base + u64::from(begin);
     // Each UNWIND_INFO's codes, outermost chain link last; executed in reverse.
@@ -129,7 +135,8 @@ fn prologue(mem: &Memory, image: &MappedImage, va: u64) -> Result<(u64, Vec<Prol
     for _ in 0..32 {
         let at = image.base + u64::from(unwind_rva);
         let head = mem.read(at, 4);
-        let [ver_flags, _size_of_prolog, count, frame] = <[u8; 4]>::try_from(head).map_err(|_| FrameError::Unreadable("UNWIND_INFO"))?;
+        let [ver_flags, _size_of_prolog, count, frame] =
+            <[u8; 4]>::try_from(head).map_err(|_| FrameError::Unreadable("UNWIND_INFO"))?;
         let flags = ver_flags >> 3;
         let frame_reg = frame & 0x0F;
         let frame_off = u32::from(frame >> 4) * 16;
@@ -141,7 +148,13 @@ fn prologue(mem: &Memory, image: &MappedImage, va: u64) -> Result<(u64, Vec<Prol
         if slots.len() != usize::from(count) {
             return Err(FrameError::Unreadable("UNWIND_CODE array"));
         }
-        let slot = |i: usize| slots.get(i).copied().map(u32::from).ok_or(FrameError::Unreadable("UNWIND_CODE operand"));
+        let slot = |i: usize| {
+            slots
+                .get(i)
+                .copied()
+                .map(u32::from)
+                .ok_or(FrameError::Unreadable("UNWIND_CODE operand"))
+        };
         let mut ops = Vec::new();
         let mut i = 0usize;
         while i < slots.len() {
@@ -166,27 +179,45 @@ fn prologue(mem: &Memory, image: &MappedImage, va: u64) -> Result<(u64, Vec<Prol
                     i += 1;
                 }
                 3 => {
-                    ops.push(PrologOp::SetFp { reg: frame_reg, offset: frame_off });
+                    ops.push(PrologOp::SetFp {
+                        reg: frame_reg,
+                        offset: frame_off,
+                    });
                     i += 1;
                 }
                 4 => {
-                    ops.push(PrologOp::SaveNonvol { reg: info, offset: slot(i + 1)? * 8 });
+                    ops.push(PrologOp::SaveNonvol {
+                        reg: info,
+                        offset: slot(i + 1)? * 8,
+                    });
                     i += 2;
                 }
                 5 => {
-                    ops.push(PrologOp::SaveNonvol { reg: info, offset: slot(i + 1)? | (slot(i + 2)? << 16) });
+                    ops.push(PrologOp::SaveNonvol {
+                        reg: info,
+                        offset: slot(i + 1)? | (slot(i + 2)? << 16),
+                    });
                     i += 3;
                 }
                 6 => i += 2, // UWOP_EPILOG (version 2): describes epilogs, not the prologue.
                 8 => {
-                    ops.push(PrologOp::SaveXmm { offset: slot(i + 1)? * 16 });
+                    ops.push(PrologOp::SaveXmm {
+                        offset: slot(i + 1)? * 16,
+                    });
                     i += 2;
                 }
                 9 => {
-                    ops.push(PrologOp::SaveXmm { offset: slot(i + 1)? | (slot(i + 2)? << 16) });
+                    ops.push(PrologOp::SaveXmm {
+                        offset: slot(i + 1)? | (slot(i + 2)? << 16),
+                    });
                     i += 3;
                 }
-                other => return Err(FrameError::Unsupported { op: other, function }),
+                other => {
+                    return Err(FrameError::Unsupported {
+                        op: other,
+                        function,
+                    })
+                }
             }
         }
         ops.reverse();
@@ -196,7 +227,12 @@ fn prologue(mem: &Memory, image: &MappedImage, va: u64) -> Result<(u64, Vec<Prol
         }
         // UNW_FLAG_CHAININFO: a RUNTIME_FUNCTION of the parent follows the (even-padded) codes.
         let parent = at + 4 + (u64::from(count) + u64::from(count) % 2) * 2;
-        function = image.base + u64::from(MappedImage::u32_at(mem, parent, "chained RUNTIME_FUNCTION")?);
+        function = image.base
+            + u64::from(MappedImage::u32_at(
+                mem,
+                parent,
+                "chained RUNTIME_FUNCTION",
+            )?);
         unwind_rva = MappedImage::u32_at(mem, parent + 8, "chained RUNTIME_FUNCTION")?;
         if chain.len() >= 32 {
             return Err(FrameError::ChainTooDeep(va));
@@ -246,7 +282,16 @@ pub fn build_amd64(
     mut values: impl FnMut() -> u64,
 ) -> Result<(Context, Vec<BuiltFrame>), FrameError> {
     let mut ctx = Context::zeroed(Arch::Amd64);
-    for r in [Amd64Reg::Rbx, Amd64Reg::Rbp, Amd64Reg::Rsi, Amd64Reg::Rdi, Amd64Reg::R12, Amd64Reg::R13, Amd64Reg::R14, Amd64Reg::R15] {
+    for r in [
+        Amd64Reg::Rbx,
+        Amd64Reg::Rbp,
+        Amd64Reg::Rsi,
+        Amd64Reg::Rdi,
+        Amd64Reg::R12,
+        Amd64Reg::R13,
+        Amd64Reg::R14,
+        Amd64Reg::R15,
+    ] {
         set(&mut ctx, r, values());
     }
     // At a function's entry RSP is 8 below a 16-byte boundary (the return address was pushed).
@@ -255,7 +300,11 @@ pub fn build_amd64(
     let mut frames = Vec::with_capacity(path.len());
     let mut return_address = 0u64;
     for (i, step) in path.iter().enumerate() {
-        frames.push(BuiltFrame { function: step.function, entry_sp: rsp, return_address });
+        frames.push(BuiltFrame {
+            function: step.function,
+            entry_sp: rsp,
+            return_address,
+        });
         if i + 1 == path.len() {
             break;
         }
@@ -344,7 +393,10 @@ const ORDER: [Amd64Reg; 16] = [
 ];
 
 fn reg_n(n: u8) -> Amd64Reg {
-    ORDER.get(usize::from(n & 0xF)).copied().unwrap_or(Amd64Reg::Rax)
+    ORDER
+        .get(usize::from(n & 0xF))
+        .copied()
+        .unwrap_or(Amd64Reg::Rax)
 }
 
 fn get_n(ctx: &Context, n: u8) -> u64 {

@@ -82,6 +82,63 @@ impl Memory {
         done
     }
 
+    /// Unmaps every page touching `[addr, addr+len)` (an image unloaded, a page paged out).
+    pub fn unmap(&mut self, addr: u64, len: u64) {
+        let first = addr & !(PAGE_SIZE - 1);
+        let end = addr.saturating_add(len);
+        let pages: Vec<u64> = self.pages.range(first..end).map(|(p, _)| *p).collect();
+        for p in pages {
+            self.pages.remove(&p);
+        }
+    }
+
+    /// Unmaps everything (a reboot: nothing of the old kernel survives).
+    pub fn clear(&mut self) {
+        self.pages.clear();
+    }
+
+    /// Number of mapped pages.
+    pub fn mapped_pages(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// Whether every byte of `[addr, addr+len)` is mapped.
+    pub fn is_range_mapped(&self, addr: u64, len: u64) -> bool {
+        if len == 0 {
+            return true;
+        }
+        let Some(last) = addr.checked_add(len - 1) else {
+            return false;
+        };
+        let mut page = addr & !(PAGE_SIZE - 1);
+        loop {
+            if !self.pages.contains_key(&page) {
+                return false;
+            }
+            if page >= (last & !(PAGE_SIZE - 1)) {
+                return true;
+            }
+            page += PAGE_SIZE;
+        }
+    }
+
+    /// Little-endian u64 read (`None` if not all mapped).
+    pub fn read_u64(&self, addr: u64) -> Option<u64> {
+        let b: [u8; 8] = self.read(addr, 8).try_into().ok()?;
+        Some(u64::from_le_bytes(b))
+    }
+
+    /// Little-endian u32 read (`None` if not all mapped).
+    pub fn read_u32(&self, addr: u64) -> Option<u32> {
+        let b: [u8; 4] = self.read(addr, 4).try_into().ok()?;
+        Some(u32::from_le_bytes(b))
+    }
+
+    /// Little-endian u16 write helper (mapped memory only).
+    pub fn write_u16(&mut self, addr: u64, v: u16) {
+        self.write(addr, &v.to_le_bytes());
+    }
+
     /// Little-endian u64 write helper (mapped memory only).
     pub fn write_u64(&mut self, addr: u64, v: u64) {
         self.write(addr, &v.to_le_bytes());
@@ -90,5 +147,47 @@ impl Memory {
     /// Little-endian u32 write helper (mapped memory only).
     pub fn write_u32(&mut self, addr: u64, v: u32) {
         self.write(addr, &v.to_le_bytes());
+    }
+}
+
+/// A bump allocator over a reserved range of kernel virtual addresses (the simulator's
+/// nonpaged pool: module list entries, KPCR/KPRCB, threads, stacks, strings). Pages are mapped
+/// as they are handed out; nothing is ever freed (a reboot starts a new pool).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pool {
+    /// First address of the range.
+    pub base: u64,
+    /// Next free address.
+    pub next: u64,
+    /// End of the range (exclusive).
+    pub end: u64,
+}
+
+impl Pool {
+    /// A pool over `[base, base + len)`.
+    pub fn new(base: u64, len: u64) -> Self {
+        Self {
+            base,
+            next: base,
+            end: base.saturating_add(len),
+        }
+    }
+
+    /// Allocates `len` bytes, 16-byte aligned, zeroed and mapped. When the range is exhausted
+    /// the allocation still succeeds past its end (the simulator never runs out), so callers
+    /// need no error path.
+    pub fn alloc(&mut self, memory: &mut Memory, len: u64) -> u64 {
+        self.alloc_aligned(memory, len, 16)
+    }
+
+    /// Allocates `len` bytes aligned to `align` (a power of two), zeroed and mapped.
+    pub fn alloc_aligned(&mut self, memory: &mut Memory, len: u64, align: u64) -> u64 {
+        let align = align.max(1);
+        let at = self.next.div_ceil(align).wrapping_mul(align);
+        self.next = at.saturating_add(len.max(1));
+        memory.map(at, len.max(1));
+        // Fresh pool memory is zero, also where a page was shared with an earlier allocation.
+        memory.write(at, &vec![0u8; len as usize]);
+        at
     }
 }

@@ -66,12 +66,15 @@ impl PdbMap {
                 match sym.parse() {
                     Ok(pdb2::SymbolData::Procedure(p)) => {
                         if let Some(rva) = p.offset.to_rva(&map) {
-                            out.functions.insert(undecorate(&p.name.to_string()), (rva.0, p.len));
+                            out.functions
+                                .insert(undecorate(&p.name.to_string()), (rva.0, p.len));
                         }
                     }
                     Ok(pdb2::SymbolData::Data(d)) => {
                         if let Some(rva) = d.offset.to_rva(&map) {
-                            out.data.entry(undecorate(&d.name.to_string())).or_insert(rva.0);
+                            out.data
+                                .entry(undecorate(&d.name.to_string()))
+                                .or_insert(rva.0);
                         }
                     }
                     _ => {}
@@ -84,10 +87,20 @@ impl PdbMap {
             }
         }
         // Functions known only from publics get the distance to the next symbol as length.
-        let starts: Vec<u32> = out.functions.values().map(|(r, _)| *r).chain(out.data.values().copied()).collect();
+        let starts: Vec<u32> = out
+            .functions
+            .values()
+            .map(|(r, _)| *r)
+            .chain(out.data.values().copied())
+            .collect();
         for (rva, len) in out.functions.values_mut() {
             if *len == 0 {
-                let next = starts.iter().copied().filter(|s| *s > *rva).min().unwrap_or(*rva + 0x100);
+                let next = starts
+                    .iter()
+                    .copied()
+                    .filter(|s| *s > *rva)
+                    .min()
+                    .unwrap_or(*rva + 0x100);
                 *len = (next - *rva).min(0x1000);
             }
         }
@@ -112,7 +125,10 @@ impl PdbMap {
 /// `_Name@12` -> `Name`, `@Name@8` -> `Name`, `_Name` -> `Name` (x86 decoration); other names
 /// unchanged.
 pub fn undecorate(name: &str) -> String {
-    let body = name.strip_prefix('_').or_else(|| name.strip_prefix('@')).unwrap_or(name);
+    let body = name
+        .strip_prefix('_')
+        .or_else(|| name.strip_prefix('@'))
+        .unwrap_or(name);
     let body = match body.rsplit_once('@') {
         Some((n, digits)) if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => n,
         _ => body,
@@ -130,7 +146,10 @@ mod tests {
 
     #[test]
     fn x86_decoration_is_removed() {
-        assert_eq!(undecorate("_ExAllocatePoolWithTag@12"), "ExAllocatePoolWithTag");
+        assert_eq!(
+            undecorate("_ExAllocatePoolWithTag@12"),
+            "ExAllocatePoolWithTag"
+        );
         assert_eq!(undecorate("@KfRaiseIrql@4"), "KfRaiseIrql");
         assert_eq!(undecorate("_PoolHitTag"), "PoolHitTag");
         assert_eq!(undecorate("ExAllocatePool2"), "ExAllocatePool2");

@@ -20,6 +20,7 @@ use kdpilot_kd::Arch;
 
 use crate::callsites::{calls_to, CallKind};
 use crate::frames::{build_amd64, FrameError, MappedImage, PathStep};
+use crate::frames_x86::build_x86;
 use crate::memory::Memory;
 use crate::pdbmap::PdbMap;
 
@@ -175,7 +176,7 @@ pub struct Workload {
     resolved: Resolved,
     /// The allocation in progress: its record index, steps, and the next step to run.
     current: Option<InFlight>,
-    /// Where thread stacks live (one per processor).
+    /// Where thread stacks live on x64 (one per processor; x86 uses a 32-bit address).
     pub stack_base: u64,
 }
 
@@ -207,15 +208,25 @@ impl Workload {
     }
 
     fn is_modern(&self) -> bool {
-        self.pdbs.get("nt").is_some_and(|p| p.function("ExAllocateHeapPool").is_some())
+        self.pdbs
+            .get("nt")
+            .is_some_and(|p| p.function("ExAllocateHeapPool").is_some())
     }
 
-    fn resolve(&mut self, k: &dyn KernelView, name: &str) -> Result<(u64, u32, MappedImage), WorkloadError> {
+    fn resolve(
+        &mut self,
+        k: &dyn KernelView,
+        name: &str,
+    ) -> Result<(u64, u32, MappedImage), WorkloadError> {
         if let Some(f) = self.resolved.functions.get(name) {
             return Ok(*f);
         }
-        let (module, function) = name.split_once('!').ok_or_else(|| WorkloadError::UnknownFunction(name.into()))?;
-        let image = k.image(module).ok_or_else(|| WorkloadError::UnknownFunction(name.into()))?;
+        let (module, function) = name
+            .split_once('!')
+            .ok_or_else(|| WorkloadError::UnknownFunction(name.into()))?;
+        let image = k
+            .image(module)
+            .ok_or_else(|| WorkloadError::UnknownFunction(name.into()))?;
         let (rva, len) = self
             .pdbs
             .get(module)
@@ -226,7 +237,12 @@ impl Workload {
         Ok(f)
     }
 
-    fn call_site(&mut self, k: &mut dyn KernelView, caller: &str, callee: &str) -> Result<u64, WorkloadError> {
+    fn call_site(
+        &mut self,
+        k: &mut dyn KernelView,
+        caller: &str,
+        callee: &str,
+    ) -> Result<u64, WorkloadError> {
         let key = (caller.to_string(), callee.to_string());
         if let Some(r) = self.resolved.call_sites.get(&key) {
             return Ok(*r);
@@ -240,7 +256,10 @@ impl Workload {
             .find(|(_, kind)| *kind != CallKind::Indirect)
             .or_else(|| calls.iter().find(|(_, kind)| *kind == CallKind::Indirect))
             .map(|(r, _)| *r)
-            .ok_or_else(|| WorkloadError::NoCall { caller: caller.into(), callee: callee.into() })?;
+            .ok_or_else(|| WorkloadError::NoCall {
+                caller: caller.into(),
+                callee: callee.into(),
+            })?;
         self.resolved.call_sites.insert(key, ret);
         Ok(ret)
     }
@@ -286,7 +305,10 @@ impl Workload {
     /// if any. Also resumes an allocation that was stopped.
     pub fn step(&mut self, k: &mut dyn KernelView) -> Result<Option<WorkloadStop>, WorkloadError> {
         if self.resolved.boot != k.boot_id() {
-            self.resolved = Resolved { boot: k.boot_id(), ..Resolved::default() };
+            self.resolved = Resolved {
+                boot: k.boot_id(),
+                ..Resolved::default()
+            };
             self.current = None;
         }
         if self.current.is_none() {
@@ -321,7 +343,7 @@ impl Workload {
         let special = !hit && special_matches(special_tag, spec.tag) && spec.size <= 4096 - 16;
         let steps = self.kernel_path(&spec, special, hit);
         let cpu = (self.seq % u64::from(k.processors().max(1))) as u16;
-        let thread = self.stack_base + 0x10_0000 + u64::from(cpu) * 0x1000;
+        let thread = self.stack_base(k.arch()) + 0x10_0000 + u64::from(cpu) * 0x1000;
         let rec = TruthRecord {
             seq: self.seq,
             boot: k.boot_id(),
@@ -356,9 +378,17 @@ impl Workload {
         };
         // A stop at a planted int3 that the host resumed without stepping over re-executes it.
         if let Some(pc) = cur.stopped_at.take() {
-            let still_there = k.context(rec.cpu).is_some_and(|c| c.pc() == pc) && k.breakpoint_at(pc);
+            let still_there =
+                k.context(rec.cpu).is_some_and(|c| c.pc() == pc) && k.breakpoint_at(pc);
             if still_there {
-                let stop = self.stop_here(k, &cur, &rec, cur.next.saturating_sub(1), status::BREAKPOINT, None)?;
+                let stop = self.stop_here(
+                    k,
+                    &cur,
+                    &rec,
+                    cur.next.saturating_sub(1),
+                    status::BREAKPOINT,
+                    None,
+                )?;
                 cur.stopped_at = Some(pc);
                 self.current = Some(cur);
                 return Ok(Some(stop));
@@ -376,7 +406,8 @@ impl Workload {
             } else if k.breakpoint_at(entry) {
                 Some((status::BREAKPOINT, None))
             } else {
-                k.hardware_breakpoint_at(entry).map(|n| (status::SINGLE_STEP, Some(n)))
+                k.hardware_breakpoint_at(entry)
+                    .map(|n| (status::SINGLE_STEP, Some(n)))
             };
             if let Some((code, dr)) = stop {
                 let s = self.stop_here(k, &cur, &rec, i, code, dr)?;
@@ -398,9 +429,6 @@ impl Workload {
         code: u32,
         dr6_hit: Option<u8>,
     ) -> Result<WorkloadStop, WorkloadError> {
-        if k.arch() != Arch::Amd64 {
-            return Err(WorkloadError::Arch(k.arch()));
-        }
         let names: Vec<String> = cur.steps.iter().take(i + 1).cloned().collect();
         let mut steps = Vec::with_capacity(names.len());
         let mut truth = Vec::with_capacity(names.len());
@@ -410,35 +438,76 @@ impl Workload {
                 Some(next) => self.call_site(k, name, next)?,
                 None => 0,
             };
-            steps.push(PathStep { function: entry, image, return_address: ret, dynamic_alloc: 0x40 });
+            steps.push(PathStep {
+                function: entry,
+                image,
+                return_address: ret,
+                dynamic_alloc: 0x40,
+            });
             let (module, function) = name.split_once('!').unwrap_or(("?", name));
             // Innermost frame: offset 0 (the stop is at the entry); callers: the return address.
             let offset = names.get(j + 1).map_or(0, |_| ret - entry);
-            truth.push(TruthFrame { module: module.into(), function: function.into(), offset });
+            truth.push(TruthFrame {
+                module: module.into(),
+                function: function.into(),
+                offset,
+            });
         }
         truth.reverse();
-        let top = self.stack_base + u64::from(rec.cpu) * 0x10000 + 0xF000;
+        let arch = k.arch();
+        let top = self.stack_base(arch) + u64::from(rec.cpu) * 0x10000 + 0xF000;
         k.memory().map(top - 0x8000, 0x8000);
         let mut n = mix(self.seed ^ (rec.seq << 8));
-        let (mut ctx, _frames) = build_amd64(k.memory(), &steps, top, || {
-            n = mix(n);
-            0xffff_a000_0000_0000 | (n & 0x0000_0fff_ffff_fff0)
-        })?;
-        // The arguments of the function stopped at.
         let stopped = names.last().map(String::as_str).unwrap_or("");
         let args = args_for(stopped, cur.args);
-        if let Context::Amd64(c) = &mut ctx {
-            c.set(Amd64Reg::Rcx, args[0]);
-            c.set(Amd64Reg::Rdx, args[1]);
-            c.set(Amd64Reg::R8, args[2]);
-            c.set(Amd64Reg::R9, args[3]);
-        }
-        let pc = ctx.pc();
+        let ctx = match arch {
+            Arch::Amd64 => {
+                let (mut ctx, _) = build_amd64(k.memory(), &steps, top, || {
+                    n = mix(n);
+                    0xffff_a000_0000_0000 | (n & 0x0000_0fff_ffff_fff0)
+                })?;
+                // The arguments of the function stopped at, in registers.
+                if let Context::Amd64(c) = &mut ctx {
+                    c.set(Amd64Reg::Rcx, args[0]);
+                    c.set(Amd64Reg::Rdx, args[1]);
+                    c.set(Amd64Reg::R8, args[2]);
+                    c.set(Amd64Reg::R9, args[3]);
+                }
+                ctx
+            }
+            Arch::X86 => {
+                let (ctx, _) = build_x86(k.memory(), &steps, top, || {
+                    n = mix(n);
+                    0x8a00_0000 | (n & 0x00ff_fffc)
+                })?;
+                // stdcall: the arguments are above the return address.
+                let sp = Arch::X86.canonical_address(ctx.sp());
+                for (j, a) in args.iter().enumerate() {
+                    k.memory()
+                        .write(sp + 4 + 4 * j as u64, &(*a as u32).to_le_bytes());
+                }
+                ctx
+            }
+        };
+        let pc = arch.canonical_address(ctx.pc());
         k.set_context(rec.cpu, ctx);
         if let Some(r) = self.truth.get_mut(cur.record) {
             r.stops.push(truth);
         }
-        Ok(WorkloadStop { cpu: rec.cpu, code, pc, thread: rec.thread, dr6_hit })
+        Ok(WorkloadStop {
+            cpu: rec.cpu,
+            code,
+            pc,
+            thread: rec.thread,
+            dr6_hit,
+        })
+    }
+
+    fn stack_base(&self, arch: Arch) -> u64 {
+        match arch {
+            Arch::Amd64 => self.stack_base,
+            Arch::X86 => arch.canonical_address(0x8d00_0000),
+        }
     }
 
     /// Whether an allocation is stopped in the debugger or waiting to go on.

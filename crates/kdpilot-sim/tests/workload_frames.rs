@@ -18,7 +18,11 @@ use pe_unwind_info::x86_64::{FunctionTableEntries, Register, UnwindState, XmmReg
 const LEAK: u32 = u32::from_le_bytes(*b"Leak");
 
 fn fixture(arch: &str, flavour: &str, file: &str) -> Vec<u8> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/out").join(arch).join(flavour).join(file);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/out")
+        .join(arch)
+        .join(flavour)
+        .join(file);
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
@@ -37,7 +41,13 @@ impl KernelView for Kernel {
         &mut self.mem
     }
     fn image(&self, module: &str) -> Option<MappedImage> {
-        self.images.iter().find(|(m, _)| m == module).map(|(_, i)| MappedImage { base: i.base, size: i.size })
+        self.images
+            .iter()
+            .find(|(m, _)| m == module)
+            .map(|(_, i)| MappedImage {
+                base: i.base,
+                size: i.size,
+            })
     }
     fn boot_id(&self) -> u64 {
         1
@@ -68,7 +78,12 @@ fn boot(flavour: &str) -> (Kernel, BTreeMap<String, PdbMap>) {
     for (module, file, pdb, base) in [
         ("nt", "ntoskrnl.exe", "ntkrnlmp.pdb", 0xfffff804_1c600000u64),
         ("hal", "hal.dll", "hal.pdb", 0xfffff804_1c400000),
-        ("leakydrv", "leakydrv.sys", "leakydrv.pdb", 0xfffff804_2a010000),
+        (
+            "leakydrv",
+            "leakydrv.sys",
+            "leakydrv.pdb",
+            0xfffff804_2a010000,
+        ),
     ] {
         let src = if module == "leakydrv" {
             ImageSource::driver(file, fixture("x64", flavour, file))
@@ -78,10 +93,21 @@ fn boot(flavour: &str) -> (Kernel, BTreeMap<String, PdbMap>) {
         let loaded: Vec<LoadedImage> = images.iter().map(|(_, i)| i.clone()).collect();
         let img = load_image(&mut mem, Arch::Amd64, &src, base, &loaded).expect("load");
         images.push((module.to_string(), img));
-        pdbs.insert(module.to_string(), PdbMap::parse(&fixture("x64", flavour, pdb)).expect("pdb"));
+        pdbs.insert(
+            module.to_string(),
+            PdbMap::parse(&fixture("x64", flavour, pdb)).expect("pdb"),
+        );
     }
     let contexts = vec![Context::zeroed(Arch::Amd64), Context::zeroed(Arch::Amd64)];
-    (Kernel { mem, images, bps: BTreeSet::new(), contexts }, pdbs)
+    (
+        Kernel {
+            mem,
+            images,
+            bps: BTreeSet::new(),
+            contexts,
+        },
+        pdbs,
+    )
 }
 
 struct State<'a> {
@@ -98,7 +124,11 @@ impl UnwindState for State<'_> {
         self.regs.get(&reg_index(register)).copied().unwrap_or(0)
     }
     fn read_stack(&mut self, addr: u64) -> Option<u64> {
-        self.mem.read(addr, 8).try_into().ok().map(u64::from_le_bytes)
+        self.mem
+            .read(addr, 8)
+            .try_into()
+            .ok()
+            .map(u64::from_le_bytes)
     }
     fn write_register(&mut self, register: Register, value: u64) {
         self.regs.insert(reg_index(register), value);
@@ -108,22 +138,48 @@ impl UnwindState for State<'_> {
 
 /// Unwinds with pe-unwind-info and names every frame from the PDBs.
 fn unwind(k: &Kernel, pdbs: &BTreeMap<String, PdbMap>, ctx: &Context) -> Vec<TruthFrame> {
-    let Context::Amd64(c) = ctx else { panic!("x64 context") };
+    let Context::Amd64(c) = ctx else {
+        panic!("x64 context")
+    };
     let order = [
-        Amd64Reg::Rax, Amd64Reg::Rcx, Amd64Reg::Rdx, Amd64Reg::Rbx, Amd64Reg::Rsp, Amd64Reg::Rbp, Amd64Reg::Rsi, Amd64Reg::Rdi,
-        Amd64Reg::R8, Amd64Reg::R9, Amd64Reg::R10, Amd64Reg::R11, Amd64Reg::R12, Amd64Reg::R13, Amd64Reg::R14, Amd64Reg::R15,
+        Amd64Reg::Rax,
+        Amd64Reg::Rcx,
+        Amd64Reg::Rdx,
+        Amd64Reg::Rbx,
+        Amd64Reg::Rsp,
+        Amd64Reg::Rbp,
+        Amd64Reg::Rsi,
+        Amd64Reg::Rdi,
+        Amd64Reg::R8,
+        Amd64Reg::R9,
+        Amd64Reg::R10,
+        Amd64Reg::R11,
+        Amd64Reg::R12,
+        Amd64Reg::R13,
+        Amd64Reg::R14,
+        Amd64Reg::R15,
     ];
-    let regs = order.iter().enumerate().map(|(i, r)| (i as u8, c.get(*r))).collect();
+    let regs = order
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (i as u8, c.get(*r)))
+        .collect();
     let mut st = State { regs, mem: &k.mem };
     let mut pc = ctx.pc();
     let mut out = Vec::new();
     for depth in 0..32 {
-        let Some((module, img)) = k.images.iter().find(|(_, i)| i.contains(pc)) else { break };
+        let Some((module, img)) = k.images.iter().find(|(_, i)| i.contains(pc)) else {
+            break;
+        };
         let rva = (pc - img.base) as u32;
         let lookup_rva = if depth == 0 { rva } else { rva - 1 };
         let (name, off) = pdbs[module].function_at(lookup_rva).expect("named");
         let off = if depth == 0 { off } else { off + 1 };
-        out.push(TruthFrame { module: module.clone(), function: name.to_string(), offset: u64::from(off) });
+        out.push(TruthFrame {
+            module: module.clone(),
+            function: name.to_string(),
+            offset: u64::from(off),
+        });
         let bytes = k.mem.read(img.base, img.size as usize);
         let (dir, size) = img.exception_directory;
         let table = FunctionTableEntries::parse(&bytes[dir as usize..(dir + size) as usize]);
@@ -137,12 +193,22 @@ fn unwind(k: &Kernel, pdbs: &BTreeMap<String, PdbMap>, ctx: &Context) -> Vec<Tru
 }
 
 fn driver_paths() -> Vec<(Vec<&'static str>, AllocApi)> {
-    let base = ["nt!KiCallDriverEntry", "leakydrv!DriverEntry", "leakydrv!LeakyWorker"];
+    let base = [
+        "nt!KiCallDriverEntry",
+        "leakydrv!DriverEntry",
+        "leakydrv!LeakyWorker",
+    ];
     let with = |f: &'static str| base.iter().copied().chain([f]).collect::<Vec<_>>();
     vec![
-        (with("leakydrv!LeakyAllocFramePointer"), AllocApi::PoolWithTag),
+        (
+            with("leakydrv!LeakyAllocFramePointer"),
+            AllocApi::PoolWithTag,
+        ),
         (with("leakydrv!LeakyAllocPushes"), AllocApi::PoolWithTag),
-        (with("leakydrv!LeakyAllocLargeLocals"), AllocApi::PoolWithTag),
+        (
+            with("leakydrv!LeakyAllocLargeLocals"),
+            AllocApi::PoolWithTag,
+        ),
         (with("leakydrv!LeakyAllocViaPool2"), AllocApi::Pool2),
     ]
 }
@@ -169,7 +235,9 @@ fn unwinding_the_synthesized_stacks_gives_the_ground_truth() {
             for name in &full {
                 let (m, f) = name.split_once('!').unwrap();
                 let img = k.image(m).unwrap();
-                let (rva, _) = pdbs[m].function(f).unwrap_or_else(|| panic!("{name} not in the PDB"));
+                let (rva, _) = pdbs[m]
+                    .function(f)
+                    .unwrap_or_else(|| panic!("{name} not in the PDB"));
                 k.bps.insert(img.base + u64::from(rva));
             }
             let mut stops = 0;
@@ -182,8 +250,14 @@ fn unwinding_the_synthesized_stacks_gives_the_ground_truth() {
                         let got = unwind(&k, &pdbs, &ctx);
                         let want = w.truth[1].stops.last().unwrap().clone();
                         assert_eq!(got, want, "{flavour} {path:?} stop {stops}");
-                        assert_eq!(got.len(), stops + 1, "every frame down to the stop is recovered");
-                        if std::env::var_os("SHOW_FRAMES").is_some() { eprintln!("{got:?}"); }
+                        assert_eq!(
+                            got.len(),
+                            stops + 1,
+                            "every frame down to the stop is recovered"
+                        );
+                        if std::env::var_os("SHOW_FRAMES").is_some() {
+                            eprintln!("{got:?}");
+                        }
                         stops += 1;
                     }
                     None => break,
@@ -192,7 +266,141 @@ fn unwinding_the_synthesized_stacks_gives_the_ground_truth() {
                     break;
                 }
             }
-            assert_eq!(stops, full.len(), "{flavour} {path:?}: one stop per function");
+            assert_eq!(
+                stops,
+                full.len(),
+                "{flavour} {path:?}: one stop per function"
+            );
         }
+    }
+}
+
+/// x86: no independent unwinder here (the symbols crate has one), so check what any x86
+/// unwinder relies on: [ESP] is the return address into the caller, every caller's return
+/// address sits higher on the stack in path order, and the EBP chain of the EBP-frame functions
+/// links the frames as the code built them.
+#[test]
+fn x86_stacks_hold_the_return_addresses_in_order() {
+    for flavour in ["classic", "modern"] {
+        let mut mem = Memory::new();
+        let mut images: Vec<(String, LoadedImage)> = Vec::new();
+        let mut pdbs = BTreeMap::new();
+        for (module, file, pdb, base) in [
+            ("nt", "ntoskrnl.exe", "ntkrpamp.pdb", 0x8280_0000u64),
+            ("hal", "hal.dll", "hal.pdb", 0x8260_0000),
+            ("leakydrv", "leakydrv.sys", "leakydrv.pdb", 0x9a01_0000),
+        ] {
+            let bytes = fixture("x86", flavour, file);
+            let src = if module == "leakydrv" {
+                ImageSource::driver(file, bytes)
+            } else {
+                ImageSource::system(file, bytes)
+            };
+            let loaded: Vec<LoadedImage> = images.iter().map(|(_, i)| i.clone()).collect();
+            let img = load_image(
+                &mut mem,
+                Arch::X86,
+                &src,
+                Arch::X86.canonical_address(base),
+                &loaded,
+            )
+            .expect("load");
+            images.push((module.to_string(), img));
+            pdbs.insert(
+                module.to_string(),
+                PdbMap::parse(&fixture("x86", flavour, pdb)).expect("pdb"),
+            );
+        }
+        let contexts = vec![Context::zeroed(Arch::X86), Context::zeroed(Arch::X86)];
+        let mut k = Kernel32 {
+            inner: Kernel {
+                mem,
+                images,
+                bps: BTreeSet::new(),
+                contexts,
+            },
+        };
+        for (path, api) in driver_paths() {
+            let spec = AllocationSpec {
+                path: path.iter().map(|s| s.to_string()).collect(),
+                api,
+                tag: LEAK,
+                size: 0x40,
+                pool_type: 0x200,
+                weight: 1,
+            };
+            let mut w = Workload::new(vec![spec], pdbs.clone(), 9);
+            assert!(w.step(&mut k).expect("first step").is_none());
+            let full = w.truth[0].path.clone();
+            let innermost = full.last().unwrap().clone();
+            let (m, f) = innermost.split_once('!').unwrap();
+            let entry = k.image(m).unwrap().base + u64::from(pdbs[m].function(f).unwrap().0);
+            k.inner.bps.insert(entry);
+            let stop = w
+                .step(&mut k)
+                .expect("step")
+                .expect("stops at the innermost function");
+            assert_eq!(stop.pc, entry);
+            let truth = w.truth[1].stops.last().unwrap().clone();
+            let ctx = k.context(stop.cpu).unwrap().clone();
+            let mut sp = Arch::X86.canonical_address(ctx.sp());
+            for (depth, frame) in truth.iter().enumerate().skip(1) {
+                let img = k.image(&frame.module).unwrap();
+                let ret = img.base
+                    + u64::from(pdbs[&frame.module].function(&frame.function).unwrap().0)
+                    + frame.offset;
+                // The next return address on the stack, at or above `sp`.
+                let found = (0..0x1000u64).step_by(4).map(|o| sp + o).find(|a| {
+                    let v: Option<[u8; 4]> = k.inner.mem.read(*a, 4).try_into().ok();
+                    v.is_some_and(|v| {
+                        Arch::X86.canonical_address(u64::from(u32::from_le_bytes(v))) == ret
+                    })
+                });
+                let at = found.unwrap_or_else(|| panic!("{flavour} {path:?}: return address of frame {depth} ({frame:?}) not on the stack"));
+                if depth == 1 {
+                    assert_eq!(
+                        at,
+                        Arch::X86.canonical_address(ctx.sp()),
+                        "[ESP] is the return address at a function entry"
+                    );
+                }
+                sp = at + 4;
+            }
+            k.inner.bps.clear();
+        }
+    }
+}
+
+struct Kernel32 {
+    inner: Kernel,
+}
+
+impl KernelView for Kernel32 {
+    fn arch(&self) -> Arch {
+        Arch::X86
+    }
+    fn memory(&mut self) -> &mut Memory {
+        self.inner.memory()
+    }
+    fn image(&self, module: &str) -> Option<MappedImage> {
+        self.inner.image(module)
+    }
+    fn boot_id(&self) -> u64 {
+        1
+    }
+    fn breakpoint_at(&self, va: u64) -> bool {
+        self.inner.breakpoint_at(va)
+    }
+    fn hardware_breakpoint_at(&self, _va: u64) -> Option<u8> {
+        None
+    }
+    fn processors(&self) -> u32 {
+        2
+    }
+    fn context(&self, cpu: u16) -> Option<&Context> {
+        self.inner.context(cpu)
+    }
+    fn set_context(&mut self, cpu: u16, ctx: Context) {
+        self.inner.set_context(cpu, ctx)
     }
 }
