@@ -3,3 +3,4 @@
 
 mod client_sim;
 mod support;
+mod workload;

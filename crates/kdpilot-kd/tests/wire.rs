@@ -194,9 +194,11 @@ fn host_ids_follow_the_sheet() {
     assert!(!h.on_ack(0x8080_0001));
     assert!(h.on_ack(0x8080_0000));
     assert_eq!(h.next_send_id(), 0x8080_0001);
-    // SYNC id from a booting target: new sequence.
+    // SYNC id from a booting target: new sequence, and our own ids start over too.
+    assert_eq!(h.next_send_id(), 0x8080_0001);
     assert_eq!(h.on_data(0x8080_0800), Incoming::New);
     assert_eq!(h.expected_id(), Some(0x8080_0001));
+    assert_eq!(h.next_send_id(), 0x8080_0000);
     // After a RESET exchange the same state change comes again with 0x80800000: it is the
     // other id of the pair, i.e. a duplicate, unless the caller resets (it must: see client).
     assert_eq!(h.on_data(0x8080_0000), Incoming::Duplicate);

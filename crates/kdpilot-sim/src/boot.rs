@@ -46,6 +46,9 @@ pub struct MachineConfig {
     pub kernel_symbols: BTreeMap<String, u32>,
     /// The kernel base of the first boot (None: drawn like every later one).
     pub first_kernel_base: Option<u64>,
+    /// The registry's `PoolTag` (special pool for this tag), written into
+    /// nt!MmSpecialPoolTag at every boot; 0: special pool off.
+    pub special_pool_tag: u32,
 }
 
 impl MachineConfig {
@@ -59,6 +62,7 @@ impl MachineConfig {
             images: Vec::new(),
             kernel_symbols: BTreeMap::new(),
             first_kernel_base: None,
+            special_pool_tag: 0,
         }
     }
 
@@ -486,6 +490,9 @@ impl Machine {
         self.layout.ps_loaded_module_list = self.place("PsLoadedModuleList", 2 * p);
         self.layout.kd_debugger_not_present = self.place("KdDebuggerNotPresent", 1);
         self.layout.mm_special_pool_tag = self.place("MmSpecialPoolTag", 4);
+        let tag = self.config.special_pool_tag;
+        self.memory
+            .write(self.layout.mm_special_pool_tag, &tag.to_le_bytes());
         self.layout.pool_hit_tag = self.kernel_symbol("PoolHitTag");
         self.layout.ki_processor_block =
             self.place("KiProcessorBlock", p * u64::from(self.processors));

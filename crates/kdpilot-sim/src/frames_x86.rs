@@ -145,7 +145,13 @@ fn run_to_call(
         let next = Arch::X86.canonical_address(i.next_ip());
         let esp = regs[4];
         if trace {
-            eprintln!("esp={esp:#x} ebp={:#x} eax={:#x} edi={:#x} {ip:#x} {:?}", regs[5], regs[0], regs[7], i.code());
+            eprintln!(
+                "esp={esp:#x} ebp={:#x} eax={:#x} edi={:#x} {ip:#x} {:?}",
+                regs[5],
+                regs[0],
+                regs[7],
+                i.code()
+            );
         }
         match i.mnemonic() {
             Mnemonic::Call => {
@@ -270,7 +276,9 @@ fn alu(i: &Instruction, regs: &[u32; 8], mem: &Memory) -> Option<u32> {
             OpKind::Register if i.op1_register().full_register32() == i.op1_register() => {
                 regs[gpr_index(i.op1_register())?]
             }
-            OpKind::Immediate8 | OpKind::Immediate8to32 | OpKind::Immediate32 => i.immediate(1) as u32,
+            OpKind::Immediate8 | OpKind::Immediate8to32 | OpKind::Immediate32 => {
+                i.immediate(1) as u32
+            }
             OpKind::Memory => read_operand(mem, i, regs)?,
             _ => return None,
         },

@@ -11,6 +11,7 @@
 //! It is part of the product (the README's demo runs on it) and the peer of every
 //! integration test.
 
+pub mod activity;
 pub mod boot;
 pub mod callsites;
 pub mod frames;
@@ -27,6 +28,7 @@ pub mod step;
 pub mod target;
 pub mod workload;
 
+pub use activity::AllocationActivity;
 pub use boot::MachineConfig;
 pub use kernel::{Cpu, DebugRegisters, Fault, Machine, Phase, Stop, Thread};
 pub use line::{FaultyLine, LineModel};

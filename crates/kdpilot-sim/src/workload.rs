@@ -376,18 +376,23 @@ impl Workload {
         let Some(rec) = rec else {
             return Ok(None);
         };
-        // A stop at a planted int3 that the host resumed without stepping over re-executes it.
+        // The CPU goes on from the PC the host resumed it at. If an int3 is still there (a
+        // debugger breakpoint re-planted without stepping over it, or the kernel's own int3 in
+        // DbgBreakPoint that the host did not step past with SetContext, as WinDbg does), it
+        // executes again: the same stop, again.
         if let Some(pc) = cur.stopped_at.take() {
-            let still_there =
-                k.context(rec.cpu).is_some_and(|c| c.pc() == pc) && k.breakpoint_at(pc);
-            if still_there {
+            let arch = k.arch();
+            let at_pc = k
+                .context(rec.cpu)
+                .is_some_and(|c| arch.canonical_address(c.pc()) == pc);
+            if at_pc && k.memory().read(pc, 1) == [0xCC] {
                 let stop = self.stop_here(
                     k,
                     &cur,
-                    &rec,
                     cur.next.saturating_sub(1),
                     status::BREAKPOINT,
                     None,
+                    pc,
                 )?;
                 cur.stopped_at = Some(pc);
                 self.current = Some(cur);
@@ -400,18 +405,22 @@ impl Workload {
             let name = cur.steps.get(i).cloned().unwrap_or_default();
             let (entry, _, _) = self.resolve(k, &name)?;
             let is_hit_break = name.ends_with(HIT_BREAK);
-            let stop = if is_hit_break {
-                // The kernel's own int3 inside DbgBreakPoint.
-                Some((status::BREAKPOINT, None))
-            } else if k.breakpoint_at(entry) {
+            // The kernel's own int3 inside DbgBreakPoint, or a debugger breakpoint at the entry.
+            let int3 = if is_hit_break {
+                first_int3(k.memory(), entry)
+            } else {
+                Some(entry).filter(|e| k.breakpoint_at(*e))
+            };
+            let stop = if int3.is_some() {
                 Some((status::BREAKPOINT, None))
             } else {
                 k.hardware_breakpoint_at(entry)
                     .map(|n| (status::SINGLE_STEP, Some(n)))
             };
             if let Some((code, dr)) = stop {
-                let s = self.stop_here(k, &cur, &rec, i, code, dr)?;
-                cur.stopped_at = (dr.is_none() && !is_hit_break).then_some(entry);
+                let pc = int3.unwrap_or(entry);
+                let s = self.stop_here(k, &cur, i, code, dr, pc)?;
+                cur.stopped_at = dr.is_none().then_some(pc);
                 self.current = Some(cur);
                 return Ok(Some(s));
             }
@@ -424,11 +433,16 @@ impl Workload {
         &mut self,
         k: &mut dyn KernelView,
         cur: &InFlight,
-        rec: &TruthRecord,
         i: usize,
         code: u32,
         dr6_hit: Option<u8>,
+        pc: u64,
     ) -> Result<WorkloadStop, WorkloadError> {
+        let rec = self
+            .truth
+            .get(cur.record)
+            .cloned()
+            .ok_or(WorkloadError::Arch(k.arch()))?;
         let names: Vec<String> = cur.steps.iter().take(i + 1).cloned().collect();
         let mut steps = Vec::with_capacity(names.len());
         let mut truth = Vec::with_capacity(names.len());
@@ -489,7 +503,12 @@ impl Workload {
                 ctx
             }
         };
-        let pc = arch.canonical_address(ctx.pc());
+        // Inside the function (the int3 of DbgBreakPoint) the stack is still the entry's: a
+        // leaf with no prologue.
+        let mut ctx = ctx;
+        if pc != arch.canonical_address(ctx.pc()) {
+            ctx.set_pc(pc);
+        }
         k.set_context(rec.cpu, ctx);
         if let Some(r) = self.truth.get_mut(cur.record) {
             r.stops.push(truth);
@@ -514,6 +533,14 @@ impl Workload {
     pub fn in_flight(&self) -> bool {
         self.current.is_some()
     }
+}
+
+/// The first int3 in the first 16 bytes of a function (DbgBreakPoint is `int3; ret`).
+fn first_int3(mem: &Memory, entry: u64) -> Option<u64> {
+    mem.read(entry, 16)
+        .iter()
+        .position(|b| *b == 0xCC)
+        .map(|i| entry + i as u64)
 }
 
 /// Arguments as the stopped function sees them, from (PoolType, Size, Tag, -).

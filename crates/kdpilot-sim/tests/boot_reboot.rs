@@ -2,6 +2,10 @@
 //! raw host): KdInitSystem's LoadSymbols stops with the SYNC id first (kd-protocol.md 3, 1.5),
 //! a boot nobody ACKs (KdDebuggerNotPresent) and a host that breaks in later, "unload all" and
 //! new KASLR bases after a reboot (sheet 5), DbgKdRebootApi, the bugcheck sequence, a hang.
+#![allow(
+    clippy::unusual_byte_groupings,
+    reason = "addresses are grouped as WinDbg prints them: fffff806`1f200000"
+)]
 
 mod common;
 

@@ -2,6 +2,10 @@
 //! call): breakpoints consumed at a stop (sheet 4.4), deferred breakpoints (4.5), Continue2
 //! TraceFlag single steps (2.1), SwitchProcessor (2.1, 4.3), control space and debug
 //! registers, an unhandled exception's second chance, the module list at the sheet's offsets.
+#![allow(
+    clippy::unusual_byte_groupings,
+    reason = "addresses are grouped as WinDbg prints them: fffff806`1f200000"
+)]
 
 mod common;
 

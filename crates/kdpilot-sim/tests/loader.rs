@@ -1,6 +1,10 @@
 //! The PE loader against the clang/lld-link fixtures and against images the PE builder writes:
 //! sections where the headers say, relocations applied for the base delta, imports resolved
 //! against the kernel's exports, ImageBase rewritten, and no panic on damaged files.
+#![allow(
+    clippy::unusual_byte_groupings,
+    reason = "addresses are grouped as WinDbg prints them: fffff806`1f200000"
+)]
 
 mod common;
 

@@ -11,6 +11,10 @@
 //!   simulated Windows 10 kernel serves it (56 + 1232).
 //! - GetVersion: same size and fields' meaning, but MajorVersion 0x000F (a kernel) where the
 //!   boot debugger says 0x040F, and the simulator's own bases.
+#![allow(
+    clippy::unusual_byte_groupings,
+    reason = "addresses are grouped as WinDbg prints them: fffff806`1f200000"
+)]
 
 mod common;
 

@@ -241,27 +241,22 @@ fn unwinding_the_synthesized_stacks_gives_the_ground_truth() {
                 k.bps.insert(img.base + u64::from(rva));
             }
             let mut stops = 0;
-            loop {
-                match w.step(&mut k).expect("step") {
-                    Some(stop) => {
-                        // The host would step over; here: remove the breakpoint so it runs on.
-                        k.bps.remove(&stop.pc);
-                        let ctx = k.context(stop.cpu).unwrap().clone();
-                        let got = unwind(&k, &pdbs, &ctx);
-                        let want = w.truth[1].stops.last().unwrap().clone();
-                        assert_eq!(got, want, "{flavour} {path:?} stop {stops}");
-                        assert_eq!(
-                            got.len(),
-                            stops + 1,
-                            "every frame down to the stop is recovered"
-                        );
-                        if std::env::var_os("SHOW_FRAMES").is_some() {
-                            eprintln!("{got:?}");
-                        }
-                        stops += 1;
-                    }
-                    None => break,
+            while let Some(stop) = w.step(&mut k).expect("step") {
+                // The host would step over; here: remove the breakpoint so it runs on.
+                k.bps.remove(&stop.pc);
+                let ctx = k.context(stop.cpu).unwrap().clone();
+                let got = unwind(&k, &pdbs, &ctx);
+                let want = w.truth[1].stops.last().unwrap().clone();
+                assert_eq!(got, want, "{flavour} {path:?} stop {stops}");
+                assert_eq!(
+                    got.len(),
+                    stops + 1,
+                    "every frame down to the stop is recovered"
+                );
+                if std::env::var_os("SHOW_FRAMES").is_some() {
+                    eprintln!("{got:?}");
                 }
+                stops += 1;
                 if !w.in_flight() {
                     break;
                 }

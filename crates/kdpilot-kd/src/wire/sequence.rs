@@ -86,7 +86,11 @@ impl HostIds {
     pub fn on_data(&mut self, id: u32) -> Incoming {
         let base = id & !SYNC_PACKET_ID;
         if id & SYNC_PACKET_ID != 0 {
+            // A target that starts a new sequence (a fresh boot, or after giving up on a packet:
+            // KdDebuggerNotPresent) also expects our ids from 0x80800000 again
+            // (kd-protocol.md 9): a host that went on with 0x80800001 would be ACKed and ignored.
             self.expected = Some(base ^ 1);
+            self.next_send = INITIAL_PACKET_ID;
             return Incoming::New;
         }
         match self.expected {

@@ -1,0 +1,211 @@
+//! The workload running inside the simulated machine: an [`Activity`] that makes allocations at
+//! a configured rate and turns the workload's stops into kernel stops.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use kdpilot_kd::context::Context;
+use kdpilot_kd::Arch;
+
+use crate::frames::MappedImage;
+use crate::kernel::{Machine, Stop};
+use crate::memory::Memory;
+use crate::pdbmap::PdbMap;
+use crate::target::Activity;
+use crate::workload::{AllocApi, AllocationSpec, KernelView, Workload};
+
+/// The workload as seen from the machine.
+struct View<'m>(&'m mut Machine);
+
+/// The image file of a WinDbg module name.
+fn image_file(module: &str) -> String {
+    match module {
+        "nt" => "ntoskrnl.exe".into(),
+        "hal" => "hal.dll".into(),
+        m => format!("{m}.sys"),
+    }
+}
+
+impl KernelView for View<'_> {
+    fn arch(&self) -> Arch {
+        self.0.arch
+    }
+    fn memory(&mut self) -> &mut Memory {
+        &mut self.0.memory
+    }
+    fn image(&self, module: &str) -> Option<MappedImage> {
+        let i = self.0.image(&image_file(module))?;
+        Some(MappedImage {
+            base: i.base,
+            size: i.size,
+        })
+    }
+    fn boot_id(&self) -> u64 {
+        self.0.boots
+    }
+    fn breakpoint_at(&self, va: u64) -> bool {
+        self.0.planted_at(va)
+    }
+    fn hardware_breakpoint_at(&self, va: u64) -> Option<u8> {
+        self.0.hardware_breakpoint(0, va).map(|i| i as u8)
+    }
+    fn processors(&self) -> u32 {
+        self.0.processors
+    }
+    fn context(&self, cpu: u16) -> Option<&Context> {
+        self.0.cpu(cpu).map(|c| &c.context)
+    }
+    fn set_context(&mut self, cpu: u16, ctx: Context) {
+        self.0.set_context(cpu, ctx);
+    }
+}
+
+/// Allocations at a steady rate, each walking its path and stopping where the debugger says.
+#[derive(Debug)]
+pub struct AllocationActivity {
+    /// The workload and its ground truth.
+    pub workload: Workload,
+    /// Time between two allocations.
+    pub interval: Duration,
+    /// Stop making new allocations after this many (the ones in flight finish).
+    pub limit: Option<u64>,
+    /// Set when the workload cannot build a stop (a fixture or path mistake): shown once.
+    pub error: Option<String>,
+    next: Option<Instant>,
+    started: u64,
+}
+
+impl AllocationActivity {
+    /// `rate` allocations per second.
+    pub fn new(workload: Workload, rate: f64) -> Self {
+        Self {
+            workload,
+            interval: Duration::from_secs_f64(1.0 / rate.max(0.001)),
+            limit: None,
+            error: None,
+            next: None,
+            started: 0,
+        }
+    }
+
+    /// The leaky driver's paths of the fixtures, with `tag` on the leaking ones and another tag
+    /// (`Nois`) on a frequent noise path.
+    pub fn leakydrv_specs(tag: u32) -> Vec<AllocationSpec> {
+        let base = [
+            "nt!KiCallDriverEntry",
+            "leakydrv!DriverEntry",
+            "leakydrv!LeakyWorker",
+        ];
+        let path = |f: &str| {
+            base.iter()
+                .map(|s| s.to_string())
+                .chain([format!("leakydrv!{f}")])
+                .collect()
+        };
+        let spec = |f: &str, api, tag, size, pool_type, weight| AllocationSpec {
+            path: path(f),
+            api,
+            tag,
+            size,
+            pool_type,
+            weight,
+        };
+        vec![
+            spec(
+                "LeakyAllocFramePointer",
+                AllocApi::PoolWithTag,
+                tag,
+                0x28,
+                0x200,
+                3,
+            ),
+            spec(
+                "LeakyAllocPushes",
+                AllocApi::PoolWithTag,
+                tag,
+                0x40,
+                0x200,
+                3,
+            ),
+            spec(
+                "LeakyAllocLargeLocals",
+                AllocApi::PoolWithTag,
+                tag,
+                0x100,
+                1,
+                2,
+            ),
+            spec("LeakyAllocViaPool2", AllocApi::Pool2, tag, 0x30, 0x40, 2),
+            spec(
+                "LeakyNoise",
+                AllocApi::PoolWithTag,
+                u32::from_le_bytes(*b"Nois"),
+                0x40,
+                0x200,
+                4,
+            ),
+        ]
+    }
+
+    /// A workload over the images of a fixture directory (`ntoskrnl.exe` + its PDB, `hal.dll`,
+    /// drivers), reading the PDBs there.
+    pub fn from_fixture_dir(
+        dir: &Path,
+        specs: Vec<AllocationSpec>,
+        seed: u64,
+        rate: f64,
+    ) -> std::io::Result<Self> {
+        let mut pdbs = BTreeMap::new();
+        for (module, names) in [
+            ("nt", &["ntkrnlmp.pdb", "ntkrpamp.pdb", "ntoskrnl.pdb"][..]),
+            ("hal", &["hal.pdb"][..]),
+            ("leakydrv", &["leakydrv.pdb"][..]),
+        ] {
+            for n in names {
+                if let Ok(bytes) = std::fs::read(dir.join(n)) {
+                    let map =
+                        PdbMap::parse(&bytes).map_err(|e| std::io::Error::other(e.to_string()))?;
+                    pdbs.insert(module.to_string(), map);
+                    break;
+                }
+            }
+        }
+        Ok(Self::new(Workload::new(specs, pdbs, seed), rate))
+    }
+}
+
+impl Activity for AllocationActivity {
+    fn poll(&mut self, machine: &mut Machine, now: Instant) -> Option<Stop> {
+        if self.error.is_some() {
+            return None;
+        }
+        let resuming = self.workload.in_flight();
+        if !resuming {
+            if self.limit.is_some_and(|l| self.started >= l) {
+                return None;
+            }
+            let due = *self.next.get_or_insert(now);
+            if now < due {
+                return None;
+            }
+            self.next = Some(due + self.interval);
+            self.started += 1;
+        }
+        let mut view = View(machine);
+        match self.workload.step(&mut view) {
+            Ok(Some(s)) => Some(Stop {
+                cpu: s.cpu,
+                code: s.code,
+                pc: s.pc,
+                thread: s.thread,
+            }),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(error = %e, "workload cannot build a stop");
+                self.error = Some(e.to_string());
+                None
+            }
+        }
+    }
+}
