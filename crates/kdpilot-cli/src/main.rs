@@ -92,6 +92,7 @@ enum Command {
     /// Check that a target answers on a KD link: break in, identify it, resume it
     Probe(probe::ProbeArgs),
     /// Serve a simulated Windows target (pty, TCP or Unix socket) to try kdpilot without one
+    #[command(after_help = sim::AFTER_HELP)]
     Sim(sim::SimArgs),
     /// Watch kdpilot work against the built-in simulator
     Demo(demo::DemoArgs),

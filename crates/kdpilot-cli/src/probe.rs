@@ -118,6 +118,9 @@ async fn identify<S: AsyncRead + AsyncWrite + Unpin>(
                 ""
             }
         ),
+        StateInfo::LoadSymbols(_) if sc.is_unload_all() => {
+            "unload all symbols: the target is going down for a reboot".to_string()
+        }
         StateInfo::LoadSymbols(l) => format!("load symbols for {}", l.path_str()),
         StateInfo::CommandString(_) => "command string".to_string(),
         StateInfo::Unknown => format!("state {:#06x}", sc.new_state),

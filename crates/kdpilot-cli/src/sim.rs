@@ -4,7 +4,13 @@
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 use kdpilot_kd::Arch;
-use kdpilot_sim::{serve, FaultyLine, LineModel, Machine, SessionEnd, TargetOptions};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kdpilot_sim::{
+    serve_with, Activity, AllocationActivity, Fault, FaultyLine, LineModel, Machine, MachineConfig,
+    NoActivity, RebootOptions, ScheduledFault, SessionEnd, TargetOptions,
+};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::error::CliError;
@@ -57,15 +63,153 @@ pub struct SimArgs {
     /// Start stopped in the debugger (as a target booted with /break) instead of running
     #[arg(long)]
     pub start_stopped: bool,
+
+    /// Kernel images to run: `classic` (allocations reach nt!MmAllocateSpecialPool, Windows
+    /// XP..10 1803), `modern` (the segment-heap kernel of Windows 10 1903+, where
+    /// nt!ExAllocateHeapSpecialPool serves special pool), `synthetic` (no code, no workload), or a
+    /// directory with ntoskrnl.exe, hal.dll, drivers and their PDBs
+    #[arg(long, value_name = "KERNEL", default_value = "modern")]
+    pub kernel: String,
+
+    /// Special pool tag configured on the target (the registry's PoolTag), e.g. Leak
+    #[arg(long, value_name = "TAG", default_value = "Leak")]
+    pub pool_tag: String,
+
+    /// Allocations per second the leaky driver makes (0: none)
+    #[arg(long, value_name = "N", default_value_t = 5.0)]
+    pub rate: f64,
+
+    /// Start with a boot: LoadSymbols stops for ntoskrnl, hal and the drivers
+    #[arg(long)]
+    pub boot: bool,
+
+    /// Reboot every SECS seconds of uptime ("unload all", new KASLR bases, a new boot)
+    #[arg(long, value_name = "SECS")]
+    pub reboot_every: Option<f64>,
+
+    /// On a reboot, drop the link (a VM's pipe or socket goes away) for SECS seconds
+    #[arg(long, value_name = "SECS")]
+    pub reboot_disconnect: Option<f64>,
+
+    /// Hang (ignore the line completely) for SECS seconds, after --hang-after seconds of uptime
+    #[arg(long, value_name = "SECS", requires = "hang_after")]
+    pub hang_for: Option<f64>,
+
+    /// Uptime at which the hang starts
+    #[arg(long, value_name = "SECS")]
+    pub hang_after: Option<f64>,
+
+    /// Bugcheck (0xE2, MANUALLY_INITIATED_CRASH) after SECS seconds of uptime
+    #[arg(long, value_name = "SECS")]
+    pub bugcheck_after: Option<f64>,
 }
 
+/// Scenarios, for `kdpilot sim --help`.
+pub const AFTER_HELP: &str = "\
+Scenarios:
+  kdpilot sim                                   a running Windows 10 x64 (modern kernel) on a pty;
+                                                a driver leaks 'Leak' allocations, 5 per second
+  kdpilot sim --kernel classic --arch x86       an XP-era 32-bit kernel (MmAllocateSpecialPool)
+  kdpilot sim --baud 19200 --corrupt 0.001      a slow, noisy null-modem cable
+  kdpilot sim --boot --reboot-every 60          a target that boots (LoadSymbols stops) and
+                                                reboots every minute with new kernel bases
+  kdpilot sim --listen unix:/tmp/com1 --reboot-every 30 --reboot-disconnect 5
+                                                a VM whose COM-port socket vanishes on restart
+  kdpilot sim --hang-after 20 --hang-for 60     a target that stops answering for a minute
+  kdpilot sim --bugcheck-after 30               a crash (KeBugCheckEx), then a reboot
+
+The target keeps running when a host detaches; a new host can attach at any time.";
+
 impl SimArgs {
-    fn machine(&self) -> Machine {
-        let arch = match self.arch {
+    fn arch(&self) -> Arch {
+        match self.arch {
             SimArch::X64 => Arch::Amd64,
             SimArch::X86 => Arch::X86,
+        }
+    }
+
+    /// The directory of kernel images, or None for the synthetic kernel.
+    fn image_dir(&self) -> anyhow::Result<Option<PathBuf>> {
+        let arch = match self.arch {
+            SimArch::X64 => "x64",
+            SimArch::X86 => "x86",
         };
-        Machine::new(arch, self.build, self.cpus, kaslr_base(arch, self.seed))
+        match self.kernel.as_str() {
+            "synthetic" => Ok(None),
+            flavour @ ("classic" | "modern") => {
+                let dir = fixtures_root().join(arch).join(flavour);
+                if dir.join("ntoskrnl.exe").is_file() {
+                    Ok(Some(dir))
+                } else {
+                    Err(CliError::usage(anyhow::anyhow!(
+                        "the {flavour} kernel images are not at {} (they come with the kdpilot source tree, \
+                         fixtures/out/); pass --kernel DIR or --kernel synthetic",
+                        dir.display()
+                    ))
+                    .into())
+                }
+            }
+            dir => Ok(Some(PathBuf::from(dir))),
+        }
+    }
+
+    fn machine(&self) -> anyhow::Result<(Machine, Option<AllocationActivity>)> {
+        let arch = self.arch();
+        let tag = parse_tag(&self.pool_tag)?;
+        let Some(dir) = self.image_dir()? else {
+            return Ok((
+                Machine::new(arch, self.build, self.cpus, kaslr_base(arch, self.seed)),
+                None,
+            ));
+        };
+        let mut config = MachineConfig::from_dir(arch, self.build, self.cpus, self.seed, &dir)
+            .with_context(|| format!("could not read the kernel images in {}", dir.display()))?;
+        config.special_pool_tag = tag;
+        let machine = Machine::boot(config)
+            .with_context(|| format!("could not load the images in {}", dir.display()))?;
+        if self.rate <= 0.0 {
+            return Ok((machine, None));
+        }
+        let specs = AllocationActivity::leakydrv_specs(tag);
+        let activity = AllocationActivity::from_fixture_dir(&dir, specs, self.seed, self.rate)
+            .with_context(|| format!("could not read the PDBs in {}", dir.display()))?;
+        Ok((machine, Some(activity)))
+    }
+
+    fn options(&self) -> TargetOptions {
+        let secs = Duration::from_secs_f64;
+        let mut faults = Vec::new();
+        if let Some(s) = self.reboot_every {
+            faults.push(ScheduledFault {
+                after: secs(s.max(1.0)),
+                fault: Fault::Reboot,
+            });
+        }
+        if let (Some(after), Some(len)) = (self.hang_after, self.hang_for) {
+            faults.push(ScheduledFault {
+                after: secs(after),
+                fault: Fault::Hang(secs(len)),
+            });
+        }
+        if let Some(after) = self.bugcheck_after {
+            faults.push(ScheduledFault {
+                after: secs(after),
+                fault: Fault::BugCheck {
+                    code: 0xE2,
+                    parameters: [0; 4],
+                },
+            });
+        }
+        TargetOptions {
+            start_stopped: self.start_stopped,
+            boot: self.boot,
+            faults,
+            reboot: RebootOptions {
+                downtime: self.reboot_disconnect.map(secs).unwrap_or_default(),
+                disconnect: self.reboot_disconnect.is_some(),
+            },
+            ..TargetOptions::default()
+        }
     }
 
     fn line(&self) -> anyhow::Result<LineModel> {
@@ -98,12 +242,19 @@ pub fn kaslr_base(arch: Arch, seed: u64) -> u64 {
 /// Runs `kdpilot sim` until Ctrl-C.
 pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     let model = args.line()?;
-    let mut machine = args.machine();
-    let options = TargetOptions {
-        start_stopped: args.start_stopped,
-        ..TargetOptions::default()
+    let (mut machine, activity) = args.machine()?;
+    let options = args.options();
+    let mut activity: Box<dyn Activity> = match activity {
+        Some(a) => Box::new(a),
+        None => Box::new(NoActivity),
     };
-    let serving = serve_on(&args.listen, &mut machine, &options, &model);
+    let serving = serve_on(
+        &args.listen,
+        &mut machine,
+        &options,
+        &model,
+        activity.as_mut(),
+    );
     tokio::select! {
         r = serving => r,
         _ = tokio::signal::ctrl_c() => {
@@ -118,6 +269,7 @@ async fn serve_on(
     machine: &mut Machine,
     options: &TargetOptions,
     model: &LineModel,
+    activity: &mut dyn Activity,
 ) -> anyhow::Result<()> {
     let describe = |m: &Machine| {
         format!(
@@ -126,7 +278,7 @@ async fn serve_on(
         )
     };
     if listen == "pty" {
-        return serve_pty(machine, options, model, &describe(machine)).await;
+        return serve_pty(machine, options, model, &describe(machine), activity).await;
     }
     if let Some(addr) = listen.strip_prefix("tcp:") {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -139,7 +291,7 @@ async fn serve_on(
             let (sock, peer) = listener.accept().await?;
             sock.set_nodelay(true)?;
             eprintln!("kdpilot sim: host {peer} attached");
-            session(sock, machine, options, model).await;
+            session(sock, machine, options, model, activity).await;
         }
     }
     #[cfg(unix)]
@@ -152,7 +304,7 @@ async fn serve_on(
         loop {
             let (sock, _) = listener.accept().await?;
             eprintln!("kdpilot sim: host attached");
-            session(sock, machine, options, model).await;
+            session(sock, machine, options, model, activity).await;
         }
     }
     #[cfg(windows)]
@@ -169,7 +321,7 @@ async fn serve_on(
             first = false;
             server.connect().await?;
             eprintln!("kdpilot sim: host attached");
-            session(server, machine, options, model).await;
+            session(server, machine, options, model, activity).await;
         }
     }
     Err(CliError::usage(anyhow::anyhow!(
@@ -183,12 +335,23 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     machine: &mut Machine,
     options: &TargetOptions,
     model: &LineModel,
+    activity: &mut dyn Activity,
 ) {
-    match serve(FaultyLine::new(io, model.clone()), machine, options).await {
+    match serve_with(
+        FaultyLine::new(io, model.clone()),
+        machine,
+        options,
+        activity,
+    )
+    .await
+    {
         Ok(SessionEnd::HostGone) | Err(_) => {
             eprintln!("kdpilot sim: host detached; the target keeps running")
         }
-        Ok(SessionEnd::Reboot) => eprintln!("kdpilot sim: the host asked for a reboot"),
+        Ok(SessionEnd::Reboot) => {
+            eprintln!("kdpilot sim: the target is rebooting and dropped the link");
+            tokio::time::sleep(options.reboot.downtime).await;
+        }
     }
 }
 
@@ -198,6 +361,7 @@ async fn serve_pty(
     options: &TargetOptions,
     model: &LineModel,
     what: &str,
+    activity: &mut dyn Activity,
 ) -> anyhow::Result<()> {
     use tokio_serial::SerialPort as _;
     let (mut master, slave) =
@@ -209,13 +373,14 @@ async fn serve_pty(
     // as a real serial cable does.
     let _slave = slave;
     loop {
-        let _ = serve(
+        let _ = serve_with(
             FaultyLine::new(&mut master, model.clone()),
             machine,
             options,
+            activity,
         )
         .await;
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -225,9 +390,24 @@ async fn serve_pty(
     _options: &TargetOptions,
     _model: &LineModel,
     _what: &str,
+    _activity: &mut dyn Activity,
 ) -> anyhow::Result<()> {
     Err(CliError::usage(anyhow::anyhow!(
         "--listen pty needs a Unix host; use --listen tcp:127.0.0.1:4555"
     ))
     .into())
+}
+
+/// Where the fixture kernels live: `KDPILOT_FIXTURES`, else the source tree this binary was
+/// built from.
+pub fn fixtures_root() -> PathBuf {
+    std::env::var_os("KDPILOT_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/out"))
+}
+
+/// A pool tag as text (`Leak`, padded with spaces) or `0x` hex.
+fn parse_tag(text: &str) -> anyhow::Result<u32> {
+    crate::pooltag::parse_tag_value(text)
+        .map_err(|e| CliError::usage(anyhow::anyhow!("--pool-tag: {e}")).into())
 }

@@ -167,6 +167,66 @@ async fn probe_over_a_pseudo_terminal() {
     assert!(m.running);
 }
 
+/// A slow, noisy serial line: a pty at 19200 baud with corrupted and dropped bytes.
+#[cfg(unix)]
+#[tokio::test]
+async fn probe_over_a_noisy_19200_baud_pseudo_terminal() {
+    use kdpilot_sim::{FaultyLine, LineModel};
+    use tokio_serial::{SerialPort, SerialStream};
+    let (master, slave) = SerialStream::pair().expect("pty pair");
+    let name = slave.name().expect("slave path");
+    let model = LineModel {
+        baud: Some(19200),
+        corrupt_rate: 1.0 / 2000.0,
+        drop_rate: 1.0 / 5000.0,
+        seed: 17,
+    };
+    let target = tokio::spawn(async move {
+        let mut m = machine(Arch::Amd64);
+        let _ = serve(
+            FaultyLine::new(master, model),
+            &mut m,
+            &TargetOptions::default(),
+        )
+        .await;
+        m
+    });
+    let out = run_probe(&format!("com:port={name},baud=19200"), 40).await;
+    drop(slave);
+    check_report(&out, Arch::Amd64);
+    let m = tokio::time::timeout(LIMIT, target).await.unwrap().unwrap();
+    assert!(m.running);
+}
+
+/// TCP with line faults on the target's side.
+#[tokio::test]
+async fn probe_over_a_noisy_tcp_link() {
+    use kdpilot_sim::{FaultyLine, LineModel};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let target = tokio::spawn(async move {
+        let (sock, _) = listener.accept().await.unwrap();
+        let model = LineModel {
+            corrupt_rate: 1.0 / 1000.0,
+            drop_rate: 1.0 / 5000.0,
+            seed: 23,
+            baud: None,
+        };
+        let mut m = machine(Arch::X86);
+        let _ = serve(
+            FaultyLine::new(sock, model),
+            &mut m,
+            &TargetOptions::default(),
+        )
+        .await;
+        m
+    });
+    let out = run_probe(&format!("tcp:127.0.0.1:{port}"), 30).await;
+    check_report(&out, Arch::X86);
+    let m = tokio::time::timeout(LIMIT, target).await.unwrap().unwrap();
+    assert!(m.running);
+}
+
 #[tokio::test]
 async fn silent_target_is_a_target_error_with_exit_code_3() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

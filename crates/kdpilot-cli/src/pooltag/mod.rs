@@ -15,6 +15,13 @@ use crate::error::ResultExt;
 use setup::Setup;
 use tag::{parse_arg, Notation, TagArg, PAGE_SIZE};
 
+/// The `PoolTag` value of a tag argument (`Leak`, `0x6b61654c`), for other subcommands.
+pub fn parse_tag_value(input: &str) -> Result<u32, String> {
+    parse_arg(input, false)
+        .map(|a| a.tag.value())
+        .map_err(|e| e.to_string())
+}
+
 /// The long description in `kdpilot pooltag --help`.
 pub const LONG_ABOUT: &str = "\
 Convert pool tags to PoolTag registry values and back, and print the target set-up.
