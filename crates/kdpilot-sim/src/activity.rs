@@ -13,7 +13,7 @@ use crate::kernel::{Machine, Stop};
 use crate::memory::Memory;
 use crate::pdbmap::PdbMap;
 use crate::target::Activity;
-use crate::workload::{AllocApi, AllocationSpec, KernelView, Workload};
+use crate::workload::{AllocApi, AllocationSpec, FreeApi, KernelView, Workload};
 
 /// The workload as seen from the machine.
 struct View<'m>(&'m mut Machine);
@@ -103,47 +103,41 @@ impl AllocationActivity {
                 .chain([format!("leakydrv!{f}")])
                 .collect()
         };
-        let spec = |f: &str, api, tag, size, pool_type, weight| AllocationSpec {
+        let spec = |f: &str, api, tag, size, pool_type, weight, free| AllocationSpec {
             path: path(f),
             api,
             tag,
             size,
             pool_type,
             weight,
+            free,
         };
+        let noise = u32::from_le_bytes(*b"Nois");
+        let (with_tag, pool2) = (AllocApi::PoolWithTag, AllocApi::Pool2);
+        let freed = Some(FreeApi::PoolWithTag);
         vec![
             spec(
                 "LeakyAllocFramePointer",
-                AllocApi::PoolWithTag,
+                with_tag,
                 tag,
                 0x28,
                 0x200,
                 3,
+                None,
             ),
-            spec(
-                "LeakyAllocPushes",
-                AllocApi::PoolWithTag,
-                tag,
-                0x40,
-                0x200,
-                3,
-            ),
-            spec(
-                "LeakyAllocLargeLocals",
-                AllocApi::PoolWithTag,
-                tag,
-                0x100,
-                1,
-                2,
-            ),
-            spec("LeakyAllocViaPool2", AllocApi::Pool2, tag, 0x30, 0x40, 2),
+            spec("LeakyAllocPushes", with_tag, tag, 0x40, 0x200, 3, None),
+            spec("LeakyAllocLargeLocals", with_tag, tag, 0x100, 1, 2, None),
+            spec("LeakyAllocViaPool2", pool2, tag, 0x30, 0x40, 2, None),
+            spec("LeakyFreeBalanced", with_tag, tag, 0x50, 0x200, 3, freed),
+            spec("LeakyNoise", with_tag, noise, 0x40, 0x200, 2, freed),
             spec(
                 "LeakyNoise",
-                AllocApi::PoolWithTag,
-                u32::from_le_bytes(*b"Nois"),
-                0x40,
-                0x200,
-                4,
+                pool2,
+                noise,
+                0x18,
+                0x100,
+                2,
+                Some(FreeApi::Pool),
             ),
         ]
     }

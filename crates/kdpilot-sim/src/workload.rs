@@ -64,6 +64,24 @@ impl AllocApi {
     }
 }
 
+/// Which free API a driver path calls to give a block back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FreeApi {
+    /// ExFreePoolWithTag(P, Tag).
+    PoolWithTag,
+    /// ExFreePool(P).
+    Pool,
+}
+
+impl FreeApi {
+    fn function(self) -> &'static str {
+        match self {
+            FreeApi::PoolWithTag => "ExFreePoolWithTag",
+            FreeApi::Pool => "ExFreePool",
+        }
+    }
+}
+
 /// One kind of allocation the workload makes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AllocationSpec {
@@ -81,6 +99,8 @@ pub struct AllocationSpec {
     pub pool_type: u64,
     /// Relative frequency among the specs.
     pub weight: u32,
+    /// Freed right after (by the same driver function, through this API); `None`: leaked.
+    pub free: Option<FreeApi>,
 }
 
 /// One frame of the ground truth: `module!function+offset`.
@@ -117,6 +137,19 @@ pub struct TruthRecord {
     pub path: Vec<String>,
     /// Whether it went to special pool.
     pub special_pool: bool,
+    /// Allocation or free.
+    pub kind: OpKind,
+    /// The block: returned by the allocation, passed to the free.
+    pub address: u64,
+}
+
+/// What an operation of the workload is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpKind {
+    /// An allocation.
+    Alloc,
+    /// A free of an earlier allocation (`TruthRecord::address` names it).
+    Free,
 }
 
 /// A stop the workload asks the kernel to report.
@@ -178,6 +211,8 @@ pub struct Workload {
     current: Option<InFlight>,
     /// Where thread stacks live on x64 (one per processor; x86 uses a 32-bit address).
     pub stack_base: u64,
+    /// Frees due, in order: (spec, allocation record).
+    pending_frees: std::collections::VecDeque<(AllocationSpec, usize)>,
 }
 
 #[derive(Clone, Debug)]
@@ -204,6 +239,7 @@ impl Workload {
             resolved: Resolved::default(),
             current: None,
             stack_base: 0xffff_f880_0100_0000,
+            pending_frees: Default::default(),
         }
     }
 
@@ -293,6 +329,39 @@ impl Workload {
         path
     }
 
+    /// The whole path of a free: driver chain, free API, kernel continuation.
+    fn free_path(
+        &self,
+        spec: &AllocationSpec,
+        api: FreeApi,
+        special: bool,
+        hit: bool,
+    ) -> Vec<String> {
+        let nt = |f: &str| format!("nt!{f}");
+        let mut path = spec.path.clone();
+        path.push(nt(api.function()));
+        if api == FreeApi::Pool {
+            path.push(nt("ExFreePoolWithTag"));
+        }
+        if hit {
+            path.push(nt(HIT_BREAK));
+        } else if self.is_modern() {
+            path.push(nt("ExFreeHeapPool"));
+            path.push(nt(if special {
+                "ExFreeHeapSpecialPool"
+            } else {
+                "ExpCheckFree"
+            }));
+        } else {
+            path.push(nt(if special {
+                "MmFreeSpecialPool"
+            } else {
+                "ExpCheckFree"
+            }));
+        }
+        path
+    }
+
     /// A u32 kernel global by name (PoolHitTag, MmSpecialPoolTag).
     fn kernel_u32(&self, k: &mut dyn KernelView, name: &str) -> Option<u32> {
         let rva = *self.pdbs.get("nt")?.data.get(name)?;
@@ -318,12 +387,46 @@ impl Workload {
     }
 
     fn start_allocation(&mut self, k: &mut dyn KernelView) -> Result<(), WorkloadError> {
+        let hit_tag = self.kernel_u32(k, "PoolHitTag").unwrap_or(0);
+        let cpu = (self.seq % u64::from(k.processors().max(1))) as u16;
+        let thread = self.stack_base(k.arch()) + 0x10_0000 + u64::from(cpu) * 0x1000;
+        // A free that is due goes first (blocks of an earlier boot are gone with it).
+        while let Some((spec, alloc)) = self.pending_frees.pop_front() {
+            let Some(a) = self.truth.get(alloc).cloned() else {
+                continue;
+            };
+            if a.boot != k.boot_id() {
+                continue;
+            }
+            let api = spec.free.unwrap_or(FreeApi::PoolWithTag);
+            let hit = hit_tag != 0 && spec.tag == hit_tag;
+            let steps = self.free_path(&spec, api, a.special_pool, hit);
+            let tag = if api == FreeApi::Pool { 0 } else { spec.tag };
+            self.truth.push(TruthRecord {
+                seq: self.seq,
+                stops: Vec::new(),
+                path: steps.clone(),
+                kind: OpKind::Free,
+                cpu,
+                thread,
+                ..a.clone()
+            });
+            self.current = Some(InFlight {
+                record: self.truth.len() - 1,
+                steps,
+                args: [a.address, u64::from(tag), 0, 0],
+                next: 0,
+                stopped_at: None,
+            });
+            self.seq += 1;
+            return Ok(());
+        }
         if self.specs.is_empty() {
             return Ok(());
         }
         let total: u64 = self.specs.iter().map(|s| u64::from(s.weight.max(1))).sum();
         let mut pick = mix(self.seed ^ self.seq) % total.max(1);
-        let spec = self
+        let Some(spec) = self
             .specs
             .iter()
             .find(|s| {
@@ -336,15 +439,27 @@ impl Workload {
                 }
             })
             .cloned()
-            .unwrap_or_else(|| self.specs[0].clone());
-        let hit_tag = self.kernel_u32(k, "PoolHitTag").unwrap_or(0);
+        else {
+            return Ok(());
+        };
         let special_tag = self.kernel_u32(k, "MmSpecialPoolTag").unwrap_or(0);
         let hit = hit_tag != 0 && spec.tag == hit_tag;
         let special = !hit && special_matches(special_tag, spec.tag) && spec.size <= 4096 - 16;
         let steps = self.kernel_path(&spec, special, hit);
-        let cpu = (self.seq % u64::from(k.processors().max(1))) as u16;
-        let thread = self.stack_base(k.arch()) + 0x10_0000 + u64::from(cpu) * 0x1000;
-        let rec = TruthRecord {
+        // Special pool puts the block at the end of its own page; normal pool packs blocks.
+        let address = if special {
+            0xffff_c900_0000_0000
+                + self.seq * 0x2000
+                + (0x1000 - (spec.size.min(0xff0) + 15) / 16 * 16)
+        } else {
+            0xffff_c800_0000_0000 + self.seq * 0x100
+        };
+        let address = k.arch().canonical_address(if k.arch() == Arch::X86 {
+            address & 0x3fff_ffff | 0x8000_0000
+        } else {
+            address
+        });
+        self.truth.push(TruthRecord {
             seq: self.seq,
             boot: k.boot_id(),
             tag: spec.tag,
@@ -355,10 +470,15 @@ impl Workload {
             stops: Vec::new(),
             path: steps.clone(),
             special_pool: special,
-        };
-        self.truth.push(rec);
+            kind: OpKind::Alloc,
+            address,
+        });
+        let record = self.truth.len() - 1;
+        if spec.free.is_some() {
+            self.pending_frees.push_back((spec.clone(), record));
+        }
         self.current = Some(InFlight {
-            record: self.truth.len() - 1,
+            record,
             steps,
             args: [spec.pool_type, spec.size, u64::from(spec.tag), 0],
             next: 0,
@@ -554,6 +674,9 @@ fn args_for(function: &str, [pool_type, size, tag, _]: [u64; 4]) -> [u64; 4] {
         // RtlpHpAllocateHeap(Heap, Size, Flags, Tag)
         "RtlpHpAllocateHeap" => [0, size, pool_type, tag],
         "DbgBreakPoint" => [0, 0, 0, 0],
+        // Frees: the op's args are (P, Tag).
+        "ExFreePoolWithTag" | "ExFreeHeapPool" | "ExpCheckFree" => [pool_type, size, 0, 0],
+        "ExFreePool" | "MmFreeSpecialPool" | "ExFreeHeapSpecialPool" => [pool_type, 0, 0, 0],
         _ => [pool_type, size, tag, 0],
     }
 }

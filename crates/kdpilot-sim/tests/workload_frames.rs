@@ -12,7 +12,9 @@ use kdpilot_sim::frames::MappedImage;
 use kdpilot_sim::loader::{load_image, ImageSource, LoadedImage};
 use kdpilot_sim::memory::Memory;
 use kdpilot_sim::pdbmap::PdbMap;
-use kdpilot_sim::workload::{AllocApi, AllocationSpec, KernelView, TruthFrame, Workload};
+use kdpilot_sim::workload::{
+    AllocApi, AllocationSpec, FreeApi, KernelView, OpKind, TruthFrame, Workload,
+};
 use pe_unwind_info::x86_64::{FunctionTableEntries, Register, UnwindState, XmmRegister};
 
 const LEAK: u32 = u32::from_le_bytes(*b"Leak");
@@ -226,6 +228,7 @@ fn unwinding_the_synthesized_stacks_gives_the_ground_truth() {
                 size: 0x40,
                 pool_type: 0x200,
                 weight: 1,
+                free: None,
             };
             let mut w = Workload::new(vec![spec], pdbs.clone(), 7);
             // Resolve every function on the full path and plant a breakpoint at each entry.
@@ -323,6 +326,7 @@ fn x86_stacks_hold_the_return_addresses_in_order() {
                 size: 0x40,
                 pool_type: 0x200,
                 weight: 1,
+                free: None,
             };
             let mut w = Workload::new(vec![spec], pdbs.clone(), 9);
             assert!(w.step(&mut k).expect("first step").is_none());
@@ -397,5 +401,96 @@ impl KernelView for Kernel32 {
     }
     fn set_context(&mut self, cpu: u16, ctx: Context) {
         self.inner.set_context(cpu, ctx)
+    }
+}
+
+/// Frees walk their own kernel path (ExFreePoolWithTag and, per flavour, ExFreeHeapPool /
+/// MmFreeSpecialPool / ExpCheckFree) from the driver function that frees, and every stop on it
+/// unwinds to the ground truth too.
+#[test]
+fn free_paths_unwind_to_the_ground_truth() {
+    for flavour in ["classic", "modern"] {
+        let cases = [
+            (
+                true,
+                FreeApi::PoolWithTag,
+                "LeakyFreeBalanced",
+                AllocApi::PoolWithTag,
+                LEAK,
+            ),
+            (
+                false,
+                FreeApi::Pool,
+                "LeakyNoise",
+                AllocApi::Pool2,
+                u32::from_le_bytes(*b"Nois"),
+            ),
+        ];
+        for (special, free, function, api, tag) in cases {
+            let (mut k, pdbs) = boot(flavour);
+            if special {
+                // MmSpecialPoolTag = 'Leak', as the registry's PoolTag would make it.
+                let rva = pdbs["nt"].data["MmSpecialPoolTag"];
+                let base = k.image("nt").unwrap().base;
+                k.mem.write(base + u64::from(rva), &LEAK.to_le_bytes());
+            }
+            let spec = AllocationSpec {
+                path: [
+                    "nt!KiCallDriverEntry",
+                    "leakydrv!DriverEntry",
+                    "leakydrv!LeakyWorker",
+                ]
+                .into_iter()
+                .map(String::from)
+                .chain([format!("leakydrv!{function}")])
+                .collect(),
+                api,
+                tag,
+                size: 0x50,
+                pool_type: 0x200,
+                weight: 1,
+                free: Some(free),
+            };
+            let mut w = Workload::new(vec![spec], pdbs.clone(), 3);
+            // A first round without breakpoints, to learn both paths.
+            assert!(w.step(&mut k).unwrap().is_none());
+            assert!(w.step(&mut k).unwrap().is_none());
+            assert_eq!(w.truth[1].kind, OpKind::Free);
+            assert_eq!(w.truth[1].address, w.truth[0].address);
+            assert_eq!(w.truth[0].special_pool, special);
+            for name in w.truth[0].path.iter().chain(&w.truth[1].path) {
+                let (m, f) = name.split_once('!').unwrap();
+                let (rva, _) = pdbs[m].function(f).unwrap_or_else(|| panic!("{name}"));
+                k.bps.insert(k.image(m).unwrap().base + u64::from(rva));
+            }
+            let mut got = Vec::new();
+            for _ in 0..2 {
+                while let Some(stop) = w.step(&mut k).unwrap() {
+                    k.bps.remove(&stop.pc);
+                    let ctx = k.context(stop.cpu).unwrap().clone();
+                    got.push(unwind(&k, &pdbs, &ctx));
+                    if !w.in_flight() {
+                        break;
+                    }
+                }
+            }
+            let want: Vec<Vec<TruthFrame>> =
+                w.truth[2..].iter().flat_map(|t| t.stops.clone()).collect();
+            assert_eq!(got, want, "{flavour} special={special}");
+            assert!(want.iter().any(|s| s[0].function == "ExFreePoolWithTag"));
+            let sink = if special {
+                if flavour == "modern" {
+                    "ExFreeHeapSpecialPool"
+                } else {
+                    "MmFreeSpecialPool"
+                }
+            } else {
+                "ExpCheckFree"
+            };
+            assert!(
+                want.iter().any(|s| s[0].function == sink),
+                "{flavour}: no stop in {sink}"
+            );
+        }
     }
 }
