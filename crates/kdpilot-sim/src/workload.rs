@@ -450,7 +450,7 @@ impl Workload {
         let address = if special {
             0xffff_c900_0000_0000
                 + self.seq * 0x2000
-                + (0x1000 - (spec.size.min(0xff0) + 15) / 16 * 16)
+                + (0x1000 - spec.size.min(0xff0).div_ceil(16) * 16)
         } else {
             0xffff_c800_0000_0000 + self.seq * 0x100
         };
