@@ -87,24 +87,7 @@ async fn capture_stack(
     let Context::Amd64(c) = &ctx else {
         panic!("x64")
     };
-    let order = [
-        Amd64Reg::Rax,
-        Amd64Reg::Rcx,
-        Amd64Reg::Rdx,
-        Amd64Reg::Rbx,
-        Amd64Reg::Rsp,
-        Amd64Reg::Rbp,
-        Amd64Reg::Rsi,
-        Amd64Reg::Rdi,
-        Amd64Reg::R8,
-        Amd64Reg::R9,
-        Amd64Reg::R10,
-        Amd64Reg::R11,
-        Amd64Reg::R12,
-        Amd64Reg::R13,
-        Amd64Reg::R14,
-        Amd64Reg::R15,
-    ];
+    let order = Amd64Reg::GPR_ORDER;
     let sp = c.get(Amd64Reg::Rsp);
     // One read of the stack above SP (the unwinder's reads are served from it).
     let stack = s.read_virtual(sp, 0x1000).await.expect("stack");

@@ -207,6 +207,34 @@ regs!(
     }
 );
 
+impl Amd64Reg {
+    /// The 16 general registers in the x64 encoding order (RAX=0 .. R15=15), the numbering
+    /// UNWIND_CODE operands and instruction encodings use.
+    pub const GPR_ORDER: [Amd64Reg; 16] = [
+        Amd64Reg::Rax,
+        Amd64Reg::Rcx,
+        Amd64Reg::Rdx,
+        Amd64Reg::Rbx,
+        Amd64Reg::Rsp,
+        Amd64Reg::Rbp,
+        Amd64Reg::Rsi,
+        Amd64Reg::Rdi,
+        Amd64Reg::R8,
+        Amd64Reg::R9,
+        Amd64Reg::R10,
+        Amd64Reg::R11,
+        Amd64Reg::R12,
+        Amd64Reg::R13,
+        Amd64Reg::R14,
+        Amd64Reg::R15,
+    ];
+
+    /// The general register with encoding number `n` (0..15).
+    pub fn gpr(n: u8) -> Option<Amd64Reg> {
+        Self::GPR_ORDER.get(usize::from(n)).copied()
+    }
+}
+
 regs!(
     /// An x86 CONTEXT field.
     X86Reg {

@@ -373,30 +373,8 @@ pub fn build_amd64(
     Ok((ctx, frames))
 }
 
-const ORDER: [Amd64Reg; 16] = [
-    Amd64Reg::Rax,
-    Amd64Reg::Rcx,
-    Amd64Reg::Rdx,
-    Amd64Reg::Rbx,
-    Amd64Reg::Rsp,
-    Amd64Reg::Rbp,
-    Amd64Reg::Rsi,
-    Amd64Reg::Rdi,
-    Amd64Reg::R8,
-    Amd64Reg::R9,
-    Amd64Reg::R10,
-    Amd64Reg::R11,
-    Amd64Reg::R12,
-    Amd64Reg::R13,
-    Amd64Reg::R14,
-    Amd64Reg::R15,
-];
-
 fn reg_n(n: u8) -> Amd64Reg {
-    ORDER
-        .get(usize::from(n & 0xF))
-        .copied()
-        .unwrap_or(Amd64Reg::Rax)
+    Amd64Reg::gpr(n & 0xF).unwrap_or(Amd64Reg::Rax)
 }
 
 fn get_n(ctx: &Context, n: u8) -> u64 {

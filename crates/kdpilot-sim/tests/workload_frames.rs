@@ -143,24 +143,7 @@ fn unwind(k: &Kernel, pdbs: &BTreeMap<String, PdbMap>, ctx: &Context) -> Vec<Tru
     let Context::Amd64(c) = ctx else {
         panic!("x64 context")
     };
-    let order = [
-        Amd64Reg::Rax,
-        Amd64Reg::Rcx,
-        Amd64Reg::Rdx,
-        Amd64Reg::Rbx,
-        Amd64Reg::Rsp,
-        Amd64Reg::Rbp,
-        Amd64Reg::Rsi,
-        Amd64Reg::Rdi,
-        Amd64Reg::R8,
-        Amd64Reg::R9,
-        Amd64Reg::R10,
-        Amd64Reg::R11,
-        Amd64Reg::R12,
-        Amd64Reg::R13,
-        Amd64Reg::R14,
-        Amd64Reg::R15,
-    ];
+    let order = Amd64Reg::GPR_ORDER;
     let regs = order
         .iter()
         .enumerate()
