@@ -6,7 +6,8 @@
 //!   printing of the cause chain.
 //! - `logging.rs`: tracing to stderr, `-v`/`-q`, `KDPILOT_LOG`/`RUST_LOG`.
 //! - `output.rs`: stdout that tolerates a closed pipe.
-//! - one module per subcommand (`pooltag`, `probe`, `sim`, `demo`), each with an `...Args` struct (clap `Args`)
+//! - `session.rs`: connecting, modules and symbols, shared by the commands that talk to a target.
+//! - one module per subcommand (`pooltag`, `probe`, `lm`, `stack`, `sim`, `demo`), each with an `...Args` struct (clap `Args`)
 //!   and a `run` function: `fn run(args) -> anyhow::Result<()>`, or `async fn` when it talks to
 //!   a target.
 //!
@@ -25,11 +26,14 @@
 
 mod demo;
 mod error;
+mod lm;
 mod logging;
 mod output;
 mod pooltag;
 mod probe;
+mod session;
 mod sim;
+mod stack;
 
 use std::future::Future;
 use std::process::ExitCode;
@@ -91,6 +95,10 @@ enum Command {
     Pooltag(pooltag::PooltagArgs),
     /// Check that a target answers on a KD link: break in, identify it, resume it
     Probe(probe::ProbeArgs),
+    /// List the target's loaded modules and their symbols, like WinDbg's lm
+    Lm(lm::LmArgs),
+    /// Show a stack like WinDbg's kb: where the break-in stopped, or at a breakpoint
+    Stack(stack::StackArgs),
     /// Serve a simulated Windows target (pty, TCP or Unix socket) to try kdpilot without one
     #[command(after_help = sim::AFTER_HELP)]
     Sim(sim::SimArgs),
@@ -104,6 +112,8 @@ impl Command {
         match self {
             Command::Pooltag(args) => pooltag::run(args),
             Command::Probe(args) => block_on(probe::run(args)),
+            Command::Lm(args) => block_on(lm::run(args)),
+            Command::Stack(args) => block_on(stack::run(args)),
             Command::Sim(args) => block_on(sim::run(args)),
             Command::Demo(args) => block_on(demo::run(args)),
         }

@@ -1,0 +1,146 @@
+//! What `lm`, `stack` (and later `capture`) share: open the endpoint, synchronise, read the
+//! target's modules through the KD link, find their symbols.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use kdpilot_kd::client::{ClientConfig, Connection, KdError, Stopped};
+use kdpilot_kd::PayloadError;
+use kdpilot_symbols::{
+    KernelInfo, MemoryReader, ModuleSet, ProgressEvent, ProgressSink, ReadError, StoreOptions,
+    SymbolPath, SymbolStore, WalkLimits,
+};
+use kdpilot_transport::{open_waiting, Endpoint, Link, WaitOptions};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::error::{CliError, ResultExt as _};
+use crate::probe::timing_for;
+
+/// Options of every command that talks to a target and needs symbols.
+#[derive(Debug, Args)]
+pub struct TargetArgs {
+    /// Where the target's debug port is, in kd's -k syntax: com:port=COM1,baud=19200,
+    /// com:pipe,port=\\.\pipe\com_1,resets=0,reconnect, unix:/tmp/com1, tcp:127.0.0.1:4555
+    #[arg(long, value_name = "ENDPOINT")]
+    pub target: String,
+
+    /// Symbol path in WinDbg syntax (srv*C:\symbols*https://server, cache*DIR, plain folders,
+    /// ;-separated); default: _NT_SYMBOL_PATH
+    #[arg(long, value_name = "SYMPATH", env = "_NT_SYMBOL_PATH")]
+    pub symbols: Option<String>,
+
+    /// Use only what the symbol caches already hold (no downloads)
+    #[arg(long)]
+    pub offline: bool,
+
+    /// Give up if the target does not answer within SECS seconds
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub timeout: u64,
+}
+
+impl TargetArgs {
+    /// The endpoint, or a usage error that lists the accepted forms.
+    pub fn endpoint(&self) -> anyhow::Result<Endpoint> {
+        self.target.parse().map_err(|e| CliError::usage(e).into())
+    }
+
+    /// The timeout.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout.max(1))
+    }
+}
+
+/// Opens the endpoint and gets the target stopped and identified.
+pub async fn connect(args: &TargetArgs) -> anyhow::Result<Stopped<Link>> {
+    let endpoint = args.endpoint()?;
+    let wait = WaitOptions {
+        give_up_after: Some(args.timeout()),
+        ..WaitOptions::default()
+    };
+    let link = open_waiting(&endpoint, &wait, |ev| tracing::info!("{ev}"))
+        .await
+        .with_context(|| format!("could not open {}", endpoint.description()))
+        .target_err()?;
+    let config = ClientConfig {
+        timing: timing_for(&endpoint),
+        resets: endpoint.resets().unwrap_or(5),
+        ..ClientConfig::default()
+    };
+    tracing::info!("connecting to {}", endpoint.description());
+    Connection::new(link, config)
+        .connect(args.timeout())
+        .await
+        .with_context(|| format!("no KD target answered on {}", endpoint.description()))
+        .target_err()
+}
+
+/// Target memory through the KD link, for the symbols crate: unreadable memory is an empty or
+/// short read, a dead link an error.
+pub struct TargetMemory<'a, S>(pub &'a mut Stopped<S>);
+
+impl<S: AsyncRead + AsyncWrite + Unpin> MemoryReader for TargetMemory<'_, S> {
+    async fn read(&mut self, address: u64, len: usize) -> Result<Vec<u8>, ReadError> {
+        match self.0.read_virtual(address, len).await {
+            Ok(v) => Ok(v),
+            Err(KdError::Payload(PayloadError::Failed { .. })) => Ok(Vec::new()),
+            Err(e) => Err(ReadError::failed(e)),
+        }
+    }
+}
+
+/// The modules of the stopped target (PsLoadedModuleList walk, PE headers, CodeView).
+pub async fn modules<S: AsyncRead + AsyncWrite + Unpin>(
+    stopped: &mut Stopped<S>,
+) -> anyhow::Result<ModuleSet> {
+    let v = stopped
+        .version()
+        .cloned()
+        .context("the target did not report its version")?;
+    let kernel = KernelInfo {
+        arch: stopped.arch(),
+        kern_base: v.kern_base,
+        ps_loaded_module_list: v.ps_loaded_module_list,
+    };
+    let (set, warnings) =
+        ModuleSet::from_target(&mut TargetMemory(stopped), &kernel, &WalkLimits::default())
+            .await
+            .context("reading the loaded-module list")
+            .target_err()?;
+    for w in warnings {
+        tracing::warn!("module list: {w}");
+    }
+    Ok(set)
+}
+
+/// Symbol downloads reported on stderr (a progress bar comes with `capture`).
+struct StderrProgress;
+
+impl ProgressSink for StderrProgress {
+    fn event(&self, event: &ProgressEvent) {
+        tracing::info!("{event:?}");
+    }
+}
+
+/// Finds symbols (PDB and image) for every module through the symbol path.
+pub async fn load_symbols(args: &TargetArgs, set: &mut ModuleSet) -> anyhow::Result<()> {
+    let text = args.symbols.clone().unwrap_or_default();
+    if text.trim().is_empty() {
+        tracing::warn!(
+            "no symbol path: set _NT_SYMBOL_PATH or pass --symbols srv*C:\\symbols*https://msdl.microsoft.com/download/symbols; frames will be module+offset"
+        );
+        return Ok(());
+    }
+    let path = SymbolPath::parse(&text).map_err(CliError::usage)?;
+    let options = StoreOptions {
+        offline: args.offline,
+        ..StoreOptions::default()
+    };
+    let store = SymbolStore::new(path, options, Some(Arc::new(StderrProgress)));
+    for module in set.modules_mut() {
+        let load = store.load_module(module).await;
+        tracing::debug!(module = %module.name, status = %module.symbol_status, "{load:?}");
+    }
+    Ok(())
+}
