@@ -114,12 +114,59 @@ pub async fn modules<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(set)
 }
 
-/// Symbol downloads reported on stderr (a progress bar comes with `capture`).
-struct StderrProgress;
+/// Symbol lookups and downloads drawn as a progress bar on stderr (plain lines when stderr is
+/// not a terminal).
+struct BarProgress(indicatif::ProgressBar);
 
-impl ProgressSink for StderrProgress {
+impl BarProgress {
+    fn new() -> Self {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} symbols: {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.enable_steady_tick(Duration::from_millis(120));
+        Self(bar)
+    }
+}
+
+impl ProgressSink for BarProgress {
     fn event(&self, event: &ProgressEvent) {
-        tracing::info!("{event:?}");
+        let text = match event {
+            ProgressEvent::Lookup { file, key } => format!("looking for {file} ({key})"),
+            ProgressEvent::DownloadStarted { url, .. } => format!("downloading {url}"),
+            ProgressEvent::DownloadProgress {
+                bytes,
+                total: Some(t),
+                ..
+            } => {
+                format!("downloading: {} of {} KiB", bytes / 1024, t / 1024)
+            }
+            ProgressEvent::DownloadProgress { bytes, .. } => {
+                format!("downloading: {} KiB", bytes / 1024)
+            }
+            ProgressEvent::DownloadFinished { bytes, elapsed, .. } => {
+                format!(
+                    "downloaded {} KiB in {:.1} s",
+                    bytes / 1024,
+                    elapsed.as_secs_f64()
+                )
+            }
+            ProgressEvent::DownloadFailed { url, reason, .. } => format!("{url}: {reason}"),
+            ProgressEvent::Extracting { path } => format!("extracting {}", path.display()),
+            ProgressEvent::Found { file, path } => format!("{file}: {}", path.display()),
+        };
+        if self.0.is_hidden() {
+            tracing::info!("symbols: {text}");
+        } else {
+            self.0.set_message(text);
+        }
+    }
+}
+
+impl Drop for BarProgress {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
     }
 }
 
@@ -137,10 +184,17 @@ pub async fn load_symbols(args: &TargetArgs, set: &mut ModuleSet) -> anyhow::Res
         offline: args.offline,
         ..StoreOptions::default()
     };
-    let store = SymbolStore::new(path, options, Some(Arc::new(StderrProgress)));
+    let progress = Arc::new(BarProgress::new());
+    let store = SymbolStore::new(path, options, Some(progress.clone()));
     for module in set.modules_mut() {
+        progress
+            .0
+            .set_message(format!("looking up {}", module.file_name));
         let load = store.load_module(module).await;
         tracing::debug!(module = %module.name, status = %module.symbol_status, "{load:?}");
+        if let Err(e) = &load.pdb {
+            tracing::warn!("{}: {e}", module.name);
+        }
     }
     Ok(())
 }
