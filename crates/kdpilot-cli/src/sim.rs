@@ -87,6 +87,10 @@ pub struct SimArgs {
     #[arg(long, value_name = "SECS")]
     pub reboot_every: Option<f64>,
 
+    /// Reboot after every N breakpoint hits of the workload
+    #[arg(long, value_name = "N")]
+    pub reboot_every_hits: Option<u64>,
+
     /// On a reboot, drop the link (a VM's pipe or socket goes away) for SECS seconds
     #[arg(long, value_name = "SECS")]
     pub reboot_disconnect: Option<f64>,
@@ -171,8 +175,9 @@ impl SimArgs {
             return Ok((machine, None));
         }
         let specs = AllocationActivity::leakydrv_specs(tag);
-        let activity = AllocationActivity::from_fixture_dir(&dir, specs, self.seed, self.rate)
+        let mut activity = AllocationActivity::from_fixture_dir(&dir, specs, self.seed, self.rate)
             .with_context(|| format!("could not read the PDBs in {}", dir.display()))?;
+        activity.reboot_every_hits = self.reboot_every_hits;
         Ok((machine, Some(activity)))
     }
 

@@ -129,9 +129,20 @@ async fn probe_over_a_unix_socket() {
     let target = tokio::spawn(async move {
         let (sock, _) = listener.accept().await.unwrap();
         let mut m = machine(Arch::Amd64);
-        serve(sock, &mut m, &TargetOptions::default())
-            .await
-            .unwrap();
+        // A VM's COM port socket, with some line damage.
+        let model = kdpilot_sim::LineModel {
+            corrupt_rate: 1.0 / 3000.0,
+            drop_rate: 1.0 / 8000.0,
+            seed: 5,
+            baud: None,
+        };
+        serve(
+            kdpilot_sim::FaultyLine::new(sock, model),
+            &mut m,
+            &TargetOptions::default(),
+        )
+        .await
+        .unwrap();
         m
     });
     // kd's own syntax for a VM pipe, as VirtualBox/VMware/QEMU expose it on a Linux host.

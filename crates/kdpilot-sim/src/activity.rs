@@ -72,6 +72,9 @@ pub struct AllocationActivity {
     pub limit: Option<u64>,
     /// Set when the workload cannot build a stop (a fixture or path mistake): shown once.
     pub error: Option<String>,
+    /// Reboot the machine after this many stops in a boot (a scenario: "reboot every N hits").
+    pub reboot_every_hits: Option<u64>,
+    hits_this_boot: (u64, u64),
     next: Option<Instant>,
     started: u64,
 }
@@ -84,6 +87,8 @@ impl AllocationActivity {
             interval: Duration::from_secs_f64(1.0 / rate.max(0.001)),
             limit: None,
             error: None,
+            reboot_every_hits: None,
+            hits_this_boot: (0, 0),
             next: None,
             started: 0,
         }
@@ -186,14 +191,28 @@ impl Activity for AllocationActivity {
             self.next = Some(due + self.interval);
             self.started += 1;
         }
+        if self.hits_this_boot.0 != machine.boots {
+            self.hits_this_boot = (machine.boots, 0);
+        }
+        let due = self
+            .reboot_every_hits
+            .is_some_and(|n| n > 0 && self.hits_this_boot.1 >= n);
+        if due && !resuming {
+            self.hits_this_boot.1 = 0;
+            machine.request_reboot();
+            return None;
+        }
         let mut view = View(machine);
         match self.workload.step(&mut view) {
-            Ok(Some(s)) => Some(Stop {
-                cpu: s.cpu,
-                code: s.code,
-                pc: s.pc,
-                thread: s.thread,
-            }),
+            Ok(Some(s)) => {
+                self.hits_this_boot.1 += 1;
+                Some(Stop {
+                    cpu: s.cpu,
+                    code: s.code,
+                    pc: s.pc,
+                    thread: s.thread,
+                })
+            }
             Ok(None) => None,
             Err(e) => {
                 tracing::error!(error = %e, "workload cannot build a stop");
