@@ -1,0 +1,237 @@
+//! The capture engine against the simulator running the fixture kernels and the leaky driver:
+//! every hit's frames equal the ground truth, on classic and modern kernels, with the
+//! pool-hit-tag strategy, and across reboots (new KASLR bases, re-armed by itself); the target
+//! is left running with nothing planted.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kdpilot_capture::engine::{Capture, CaptureEvent, CaptureOptions};
+use kdpilot_capture::record::HitRecord;
+use kdpilot_capture::strategy::StrategyChoice;
+use kdpilot_kd::client::EventSink;
+use kdpilot_kd::Arch;
+use kdpilot_sim::workload::{OpKind, TruthFrame};
+use kdpilot_sim::{
+    serve_with, AllocationActivity, FaultyLine, LineModel, Machine, MachineConfig, TargetOptions,
+};
+
+use crate::support::*;
+
+const LEAK: u32 = u32::from_le_bytes(*b"Leak");
+
+struct Scenario {
+    arch: Arch,
+    flavour: &'static str,
+    strategy: StrategyChoice,
+    hits: u64,
+    reboot_every_hits: Option<u64>,
+    model: LineModel,
+}
+
+fn dir(arch: Arch, flavour: &str) -> PathBuf {
+    let a = if arch == Arch::Amd64 { "x64" } else { "x86" };
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures/out")
+        .join(a)
+        .join(flavour)
+}
+
+fn text(f: &TruthFrame) -> String {
+    if f.offset == 0 {
+        format!("{}!{}", f.module, f.function)
+    } else {
+        format!("{}!{}+{:#x}", f.module, f.function, f.offset)
+    }
+}
+
+async fn run(
+    sc: Scenario,
+) -> (
+    Vec<HitRecord>,
+    Vec<CaptureEvent>,
+    Machine,
+    AllocationActivity,
+) {
+    let d = dir(sc.arch, sc.flavour);
+    let mut mconfig = MachineConfig::from_dir(sc.arch, 19041, 2, 21, &d).unwrap();
+    mconfig.special_pool_tag = LEAK;
+    let mut machine = Machine::boot(mconfig).unwrap();
+    let mut activity = AllocationActivity::from_fixture_dir(
+        &d,
+        AllocationActivity::leakydrv_specs(LEAK),
+        8,
+        200.0,
+    )
+    .unwrap();
+    activity.reboot_every_hits = sc.reboot_every_hits;
+    let (host, target) = tokio::io::duplex(64 * 1024);
+    let tm = LineModel {
+        seed: sc.model.seed + 1,
+        ..sc.model.clone()
+    };
+    let sim = tokio::spawn(async move {
+        let _ = serve_with(
+            FaultyLine::new(target, tm),
+            &mut machine,
+            &TargetOptions::default(),
+            &mut activity,
+        )
+        .await;
+        (machine, activity)
+    });
+    let stopped = connect(
+        FaultyLine::new(host, sc.model.clone()),
+        config(&sc.model, EventSink::none()),
+    )
+    .await;
+    let mut events = Vec::new();
+    let options = CaptureOptions {
+        tag: LEAK,
+        strategy: sc.strategy,
+        symbols: d.display().to_string(),
+        offline: true,
+        max_hits: Some(sc.hits),
+        duration: Some(Duration::from_secs(90)),
+    };
+    let mut capture = Capture::new(options, |e| events.push(e.clone())).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let hits = capture.run(stopped, &stop).await.expect("capture");
+    drop(capture);
+    assert_eq!(hits, sc.hits);
+    let (machine, activity) = sim.await.unwrap();
+    let records = events
+        .iter()
+        .filter_map(|e| match e {
+            CaptureEvent::Hit(h) => Some((**h).clone()),
+            _ => None,
+        })
+        .collect();
+    (records, events, machine, activity)
+}
+
+/// The truth stops at `function` (module!function of the innermost frame), in order.
+fn truth_stops(
+    activity: &AllocationActivity,
+    function: &str,
+    kind: Option<OpKind>,
+) -> Vec<Vec<String>> {
+    activity
+        .workload
+        .truth
+        .iter()
+        .filter(|t| kind.is_none_or(|k| t.kind == k))
+        .flat_map(|t| t.stops.iter())
+        .filter(|s| {
+            s.first()
+                .is_some_and(|f| format!("{}!{}", f.module, f.function) == function)
+        })
+        .map(|s| s.iter().map(text).collect())
+        .collect()
+}
+
+fn printed(h: &HitRecord) -> Vec<String> {
+    h.frames
+        .iter()
+        .map(|f| f.call_site())
+        .take_while(|s| !s.starts_with("0x"))
+        .collect()
+}
+
+fn check_clean(machine: &Machine) {
+    assert!(machine.running, "the target was left stopped");
+    assert!(
+        machine.planted().is_empty(),
+        "a breakpoint was left planted"
+    );
+}
+
+#[tokio::test]
+async fn special_pool_capture_matches_ground_truth() {
+    bounded(async {
+        for (arch, flavour, target) in [
+            (Arch::Amd64, "modern", "nt!ExAllocateHeapSpecialPool"),
+            (Arch::Amd64, "classic", "nt!MmAllocateSpecialPool"),
+            (Arch::X86, "classic", "nt!MmAllocateSpecialPool"),
+        ] {
+            let sc = Scenario {
+                arch,
+                flavour,
+                strategy: StrategyChoice::Auto,
+                hits: 8,
+                reboot_every_hits: None,
+                model: LineModel::clean(),
+            };
+            let (records, events, machine, activity) = run(sc).await;
+            check_clean(&machine);
+            assert!(events
+                .iter()
+                .any(|e| matches!(e, CaptureEvent::Armed { target: t, .. } if t == target)));
+            let truth = truth_stops(&activity, target, None);
+            let got: Vec<Vec<String>> = records.iter().map(printed).collect();
+            assert_eq!(got, truth[..got.len()], "{arch} {flavour}");
+            assert!(records.iter().all(|r| r.tag_value == LEAK && r.size > 0));
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn pool_hit_tag_capture_restores_the_tag() {
+    bounded(async {
+        let sc = Scenario {
+            arch: Arch::Amd64,
+            flavour: "modern",
+            strategy: StrategyChoice::PoolHitTag,
+            hits: 6,
+            reboot_every_hits: None,
+            model: LineModel::clean(),
+        };
+        let (records, _events, machine, activity) = run(sc).await;
+        check_clean(&machine);
+        assert_eq!(
+            machine.pool_hit_tag(),
+            Some(0xffff_ff0f),
+            "PoolHitTag restored"
+        );
+        // Allocations and frees of the tag both break.
+        let truth: Vec<Vec<String>> = truth_stops(&activity, "nt!DbgBreakPoint", None);
+        let got: Vec<Vec<String>> = records.iter().map(printed).collect();
+        assert_eq!(got, truth[..got.len()]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn capture_follows_reboots_and_rearms() {
+    bounded(async {
+        let sc = Scenario {
+            arch: Arch::Amd64,
+            flavour: "modern",
+            strategy: StrategyChoice::Auto,
+            hits: 10,
+            reboot_every_hits: Some(3),
+            model: LineModel::clean(),
+        };
+        let (records, events, machine, activity) = run(sc).await;
+        check_clean(&machine);
+        let boots: std::collections::BTreeSet<u64> = records.iter().map(|r| r.boot).collect();
+        assert!(boots.len() >= 3, "hits in {} boots", boots.len());
+        let bases: std::collections::BTreeSet<u64> = events
+            .iter()
+            .filter_map(|e| match e {
+                CaptureEvent::Boot { kern_base, .. } => Some(*kern_base),
+                _ => None,
+            })
+            .collect();
+        assert!(bases.len() >= 3, "new kernel bases each boot: {bases:?}");
+        let truth = truth_stops(&activity, "nt!ExAllocateHeapSpecialPool", None);
+        let got: Vec<Vec<String>> = records.iter().map(printed).collect();
+        assert_eq!(
+            got,
+            truth[..got.len()],
+            "no hit lost or wrong across reboots"
+        );
+    })
+    .await;
+}
