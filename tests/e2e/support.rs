@@ -15,12 +15,12 @@ pub const LIMIT: Duration = Duration::from_secs(120);
 /// Scenarios run one at a time: their line timing (retransmission timers of 200 ms on the
 /// simulated target) is what they test, and two of them competing for the CPU of a 2-core
 /// machine turn timing into noise.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Runs `f` with a hard time limit (and `RUST_LOG` tracing to the test's output), one scenario
 /// at a time.
 pub async fn bounded<T>(f: impl Future<Output = T>) -> T {
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = ONE_AT_A_TIME.lock().await;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
