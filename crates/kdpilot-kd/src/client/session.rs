@@ -503,10 +503,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stopped<S> {
 
     async fn resume_with(mut self, mut m: Manipulate) -> Result<Running<S>, KdError> {
         m.processor = self.state.processor;
-        self.conn
+        match self
+            .conn
             .link
             .send(packet_type::KD_STATE_MANIPULATE, m.encode(), None)
-            .await?;
+            .await
+        {
+            Ok(()) => {}
+            // A continue has no reply, and a target that got it runs and only polls for the
+            // break-in byte: if its ACK was lost on the line, our copies are never ACKed. Take
+            // the target as running; if it did not get the continue after all, it is silent
+            // and stopped, and `Running::break_in` finds it with a RESET (kd-protocol.md 9).
+            Err(KdError::Timeout { .. }) => {
+                tracing::warn!("no ACK for the continue: assuming the target runs");
+                self.conn.config.sink.emit(ClientEvent::FrameError(
+                    "continue not acknowledged; assuming the target runs".into(),
+                ));
+            }
+            Err(e) => return Err(e),
+        }
         Ok(Running {
             conn: self.conn,
             last_stop: Some(self.raw),
@@ -548,6 +563,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Running<S> {
                     if self.last_stop.as_deref() == Some(&p.payload[..]) {
                         tracing::debug!("the stop we continued from was reported again");
                     }
+                    tracing::debug!(
+                        state = format_args!("{:#x}", state.new_state),
+                        pc = format_args!("{:#x}", state.program_counter),
+                        cpu = state.processor,
+                        "stop reported"
+                    );
                     return Ok(WaitOutcome::Stopped(Stopped {
                         conn: self.conn,
                         state,
@@ -566,12 +587,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Running<S> {
     pub async fn break_in(mut self, timeout: Duration) -> Result<Stopped<S>, KdError> {
         let deadline = Instant::now() + timeout;
         let every = self.conn.link.timing().latency * 2 + self.conn.link.timing().transfer(600);
+        let mut round = 0u32;
         loop {
             if Instant::now() >= deadline {
                 return Err(KdError::Timeout {
                     what: "the target to stop after a break-in".into(),
                 });
             }
+            // From the second round on, a RESET too: a target that never got our last continue
+            // is stopped and silent (it only remembers the 'b'); a RESET makes it answer and
+            // resend its state change. A running target ignores it.
+            if round > 0 {
+                self.conn
+                    .link
+                    .send_control(crate::wire::Packet::reset())
+                    .await?;
+            }
+            round += 1;
             self.conn.link.send_break_in().await?;
             let wait = every
                 .max(Duration::from_secs(1))
