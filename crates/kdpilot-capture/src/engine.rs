@@ -59,6 +59,8 @@ pub enum CaptureEvent {
         boot: u64,
         /// Kernel base (KASLR).
         kern_base: u64,
+        /// Build number.
+        build: u16,
     },
     /// The plan is in place.
     Armed {
@@ -66,6 +68,8 @@ pub enum CaptureEvent {
         boot: u64,
         /// `nt!ExAllocateHeapSpecialPool`, `nt!PoolHitTag`, ...
         target: String,
+        /// The breakpoint's (or PoolHitTag's) address.
+        address: u64,
         /// Why this strategy.
         why: String,
     },
@@ -234,6 +238,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
         (self.emit)(&CaptureEvent::Boot {
             boot: self.boot,
             kern_base: v.kern_base,
+            build: v.minor_version,
         });
         let kernel = KernelInfo {
             arch: stopped.arch(),
@@ -279,9 +284,13 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                 self.check_special_pool_tag(stopped, &armed).await;
             }
         }
+        let address = match &armed.plan {
+            Plan::Breakpoint { address, .. } | Plan::PoolHitTag { address, .. } => *address,
+        };
         (self.emit)(&CaptureEvent::Armed {
             boot: self.boot,
             target: armed.plan.target(),
+            address,
             why: armed.plan.why().to_string(),
         });
         Ok(armed)

@@ -24,6 +24,7 @@
 //! Errors print on stderr as `kdpilot: error: <message>`, then `  caused by: <source>` for each
 //! source in the chain.
 
+mod capture;
 mod demo;
 mod error;
 mod lm;
@@ -95,6 +96,8 @@ enum Command {
     Pooltag(pooltag::PooltagArgs),
     /// Check that a target answers on a KD link: break in, identify it, resume it
     Probe(probe::ProbeArgs),
+    /// Capture the stack of every allocation of a pool tag, unattended, to a text and a JSON log
+    Capture(capture::CaptureArgs),
     /// List the target's loaded modules and their symbols, like WinDbg's lm
     Lm(lm::LmArgs),
     /// Show a stack like WinDbg's kb: where the break-in stopped, or at a breakpoint
@@ -112,6 +115,7 @@ impl Command {
         match self {
             Command::Pooltag(args) => pooltag::run(args),
             Command::Probe(args) => block_on(probe::run(args)),
+            Command::Capture(args) => block_on(capture::run(args)),
             Command::Lm(args) => block_on(lm::run(args)),
             Command::Stack(args) => block_on(stack::run(args)),
             Command::Sim(args) => block_on(sim::run(args)),
