@@ -24,7 +24,7 @@ use crate::session::{self, TargetArgs};
 #[derive(Debug, Args)]
 pub struct CaptureArgs {
     #[command(flatten)]
-    target: TargetArgs,
+    pub target: TargetArgs,
 
     /// The pool tag to capture: text (Leak, Ddk) or its PoolTag value (0x6b61654c)
     #[arg(long, value_name = "TAG")]

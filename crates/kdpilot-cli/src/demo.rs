@@ -2,7 +2,9 @@
 //!
 //! Starts a simulated Windows target, throttled to a real serial line's speed, on a
 //! pseudo-terminal (Unix: kdpilot opens it through the same serial transport a COM port uses)
-//! or a named pipe (Windows: as a VM's COM port), and runs `kdpilot probe` against it.
+//! or a named pipe (Windows: as a VM's COM port), and runs `kdpilot probe` against it. With the
+//! fake-kernel images of the source tree, it then runs a capture: a driver leaks 'Leak'
+//! allocations, every hit's stack streams to the logs, the target reboots once on the way.
 
 use std::time::Duration;
 
@@ -46,7 +48,117 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let report = report?;
     print(&report)?;
     print("\nThe target was broken into, identified and resumed over a KD link.\n")?;
-    Ok(())
+    capture_demo(args.baud).await
+}
+
+/// The capture part: the modern fake kernel with the leaky driver, reboot after 4 hits.
+async fn capture_demo(baud: u32) -> anyhow::Result<()> {
+    let dir = crate::sim::fixtures_root().join("x64/modern");
+    if !dir.join("ntoskrnl.exe").is_file() {
+        print(
+            "(The capture demo needs the fake-kernel images of the source tree, fixtures/out/.)\n",
+        )?;
+        return Ok(());
+    }
+    let tag = u32::from_le_bytes(*b"Leak");
+    let mut config = kdpilot_sim::MachineConfig::from_dir(
+        Arch::Amd64,
+        19041,
+        2,
+        std::process::id().into(),
+        &dir,
+    )?;
+    config.special_pool_tag = tag;
+    let mut machine = Machine::boot(config)?;
+    let mut activity = kdpilot_sim::AllocationActivity::from_fixture_dir(
+        &dir,
+        kdpilot_sim::AllocationActivity::leakydrv_specs(tag),
+        u64::from(std::process::id()),
+        4.0,
+    )?;
+    activity.reboot_every_hits = Some(4);
+    let model = LineModel {
+        baud: Some(baud),
+        ..LineModel::clean()
+    };
+    let (endpoint, target) = start_target_with(&mut machine, model, activity).await?;
+    print(&format!(
+        "\nNow a capture. On the target: special pool for tag 'Leak', a driver that leaks it, a reboot after 4 hits.\n\
+         $ kdpilot capture --target {endpoint} --tag Leak --symbols {} --max-hits 8\n",
+        dir.display()
+    ))?;
+    let args = crate::capture::CaptureArgs {
+        target: crate::session::TargetArgs {
+            target: endpoint.to_string(),
+            symbols: Some(dir.display().to_string()),
+            offline: true,
+            timeout: 30,
+        },
+        tag: "Leak".into(),
+        strategy: "auto".into(),
+        log: None,
+        json: None,
+        max_hits: Some(8),
+        duration: Some(Duration::from_secs(300)),
+    };
+    let result = crate::capture::run(args).await;
+    target.abort();
+    result
+}
+
+#[cfg(unix)]
+async fn start_target_with(
+    _machine: &mut Machine,
+    model: LineModel,
+    mut activity: kdpilot_sim::AllocationActivity,
+) -> anyhow::Result<(Endpoint, tokio::task::JoinHandle<()>)> {
+    use anyhow::Context as _;
+    use tokio_serial::SerialPort as _;
+    let (master, slave) =
+        tokio_serial::SerialStream::pair().context("could not create a pseudo-terminal")?;
+    let name = slave.name().context("the pseudo-terminal has no path")?;
+    let baud = model.baud.unwrap_or(115_200);
+    let mut machine = _machine.clone();
+    let task = tokio::spawn(async move {
+        let _slave = slave;
+        let mut master = master;
+        loop {
+            let _ = kdpilot_sim::serve_with(
+                FaultyLine::new(&mut master, model.clone()),
+                &mut machine,
+                &TargetOptions::default(),
+                &mut activity,
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let endpoint: Endpoint = format!("com:port={name},baud={baud}").parse()?;
+    Ok((endpoint, task))
+}
+
+#[cfg(not(unix))]
+async fn start_target_with(
+    machine: &mut Machine,
+    model: LineModel,
+    mut activity: kdpilot_sim::AllocationActivity,
+) -> anyhow::Result<(Endpoint, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let mut machine = machine.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            let _ = kdpilot_sim::serve_with(
+                FaultyLine::new(sock, model.clone()),
+                &mut machine,
+                &TargetOptions::default(),
+                &mut activity,
+            )
+            .await;
+        }
+    });
+    let endpoint: Endpoint = format!("tcp:{addr}").parse()?;
+    Ok((endpoint, task))
 }
 
 #[cfg(unix)]

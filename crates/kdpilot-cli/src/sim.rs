@@ -406,9 +406,10 @@ async fn serve_pty(
 /// Where the fixture kernels live: `KDPILOT_FIXTURES`, else the source tree this binary was
 /// built from.
 pub fn fixtures_root() -> PathBuf {
-    std::env::var_os("KDPILOT_FIXTURES")
+    let root = std::env::var_os("KDPILOT_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/out"))
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/out"));
+    root.canonicalize().unwrap_or(root)
 }
 
 /// A pool tag as text (`Leak`, padded with spaces) or `0x` hex.
