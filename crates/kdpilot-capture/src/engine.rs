@@ -108,8 +108,9 @@ pub enum CaptureError {
     Memory(String),
 }
 
-/// Target memory through the KD link for the symbols crate.
-struct TargetMemory<'a, S>(&'a mut Stopped<S>);
+/// Target memory through the KD link, for the symbols crate: unreadable memory is an empty or
+/// short read, a dead link an error.
+pub struct TargetMemory<'a, S>(pub &'a mut Stopped<S>);
 
 impl<S: AsyncRead + AsyncWrite + Unpin> MemoryReader for TargetMemory<'_, S> {
     async fn read(&mut self, address: u64, len: usize) -> Result<Vec<u8>, ReadError> {

@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use kdpilot_kd::client::{ClientConfig, Connection, KdError, Stopped};
-use kdpilot_kd::PayloadError;
+pub use kdpilot_capture::engine::TargetMemory;
+use kdpilot_kd::client::{ClientConfig, Connection, Stopped};
 use kdpilot_symbols::{
-    KernelInfo, MemoryReader, ModuleSet, ProgressEvent, ProgressSink, ReadError, StoreOptions,
-    SymbolPath, SymbolStore, WalkLimits,
+    KernelInfo, ModuleSet, ProgressEvent, ProgressSink, StoreOptions, SymbolPath, SymbolStore,
+    WalkLimits,
 };
 use kdpilot_transport::{open_waiting, Endpoint, Link, WaitOptions};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -74,20 +74,6 @@ pub async fn connect(args: &TargetArgs) -> anyhow::Result<Stopped<Link>> {
         .await
         .with_context(|| format!("no KD target answered on {}", endpoint.description()))
         .target_err()
-}
-
-/// Target memory through the KD link, for the symbols crate: unreadable memory is an empty or
-/// short read, a dead link an error.
-pub struct TargetMemory<'a, S>(pub &'a mut Stopped<S>);
-
-impl<S: AsyncRead + AsyncWrite + Unpin> MemoryReader for TargetMemory<'_, S> {
-    async fn read(&mut self, address: u64, len: usize) -> Result<Vec<u8>, ReadError> {
-        match self.0.read_virtual(address, len).await {
-            Ok(v) => Ok(v),
-            Err(KdError::Payload(PayloadError::Failed { .. })) => Ok(Vec::new()),
-            Err(e) => Err(ReadError::failed(e)),
-        }
-    }
 }
 
 /// The modules of the stopped target (PsLoadedModuleList walk, PE headers, CodeView).

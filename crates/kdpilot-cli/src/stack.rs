@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
+use kdpilot_capture::engine::registers;
 use kdpilot_kd::api::{self, Continue2, GetContext};
 use kdpilot_kd::client::{Stopped, WaitOutcome};
-use kdpilot_kd::context::{Amd64Reg, Context, X86Reg};
-use kdpilot_symbols::{CachedReader, Registers, StackWalker, X64Registers, X86Registers};
+use kdpilot_symbols::{CachedReader, StackWalker};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::error::{CliError, ResultExt as _};
@@ -124,34 +124,4 @@ pub async fn kb<S: AsyncRead + AsyncWrite + Unpin>(
         .context("walking the stack")
         .target_err()?;
     Ok(trace.format_kb(set, lines))
-}
-
-/// The unwinder's registers from a CONTEXT.
-pub fn registers(ctx: &Context) -> Registers {
-    match ctx {
-        Context::Amd64(c) => {
-            let mut gpr = [0u64; 16];
-            for (slot, r) in gpr.iter_mut().zip(Amd64Reg::GPR_ORDER) {
-                *slot = c.get(r);
-            }
-            Registers::X64(X64Registers {
-                gpr,
-                rip: c.get(Amd64Reg::Rip),
-            })
-        }
-        Context::X86(c) => {
-            let g = |r: X86Reg| c.get(r) as u32;
-            Registers::X86(X86Registers {
-                eip: g(X86Reg::Eip),
-                esp: g(X86Reg::Esp),
-                ebp: g(X86Reg::Ebp),
-                ebx: g(X86Reg::Ebx),
-                esi: g(X86Reg::Esi),
-                edi: g(X86Reg::Edi),
-                eax: g(X86Reg::Eax),
-                ecx: g(X86Reg::Ecx),
-                edx: g(X86Reg::Edx),
-            })
-        }
-    }
 }
