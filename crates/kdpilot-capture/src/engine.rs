@@ -382,19 +382,21 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                         return Ok((r, armed));
                     }
                     Plan::PoolHitTag { .. } if self.is_kernel_break(&armed, pc) => {
-                        self.hit(
-                            &mut s,
-                            &armed,
-                            "nt!PoolHitTag",
-                            ArgLayout {
-                                tag: None,
-                                size: None,
-                                pool_type: None,
-                            },
-                        )
-                        .await?;
-                        // Step past the kernel's own int3, as WinDbg does (SetContext RIP+1).
-                        let mut ctx = s.request(&GetContext).await?;
+                        let mut ctx = self
+                            .hit(
+                                &mut s,
+                                &armed,
+                                "nt!PoolHitTag",
+                                ArgLayout {
+                                    tag: None,
+                                    size: None,
+                                    pool_type: None,
+                                },
+                            )
+                            .await?;
+                        // Step past the kernel's own int3, as WinDbg does (SetContext RIP+1),
+                        // with the registers the hit already read (SetContext needs a
+                        // GetContext in this stop, which that was).
                         ctx.set_pc(pc + 1);
                         s.request(&SetContext::new(ctx)).await?;
                         let r = self.resume(s).await?;
@@ -441,14 +443,14 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             .is_some_and(|s| s.contains("DbgBreakPoint") || s.contains("RtlpBreakWithStatus"))
     }
 
-    /// Reads registers and stack and emits the record.
+    /// Reads registers and stack and emits the record; returns the registers.
     async fn hit<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         s: &mut Stopped<S>,
         armed: &Armed,
         symbol: &str,
         args: ArgLayout,
-    ) -> Result<(), CaptureError> {
+    ) -> Result<Context, CaptureError> {
         let ctx = s.request(&GetContext).await?;
         let state = s.state().clone();
         let s_arch = s.arch();
@@ -470,7 +472,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
         let top = reader.read(regs.sp(), 32).await.unwrap_or_default();
         let tag = arg(args.tag, &top).map_or(self.options.tag, |t| t as u32);
         if args.tag.is_some() && tag != self.options.tag {
-            return Ok(()); // another tag: not ours (breakpoint strategy filter)
+            return Ok(ctx); // another tag: not ours (breakpoint strategy filter)
         }
         let trace = StackWalker::new(&armed.modules)
             .walk(&mut reader, regs)
@@ -498,7 +500,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             frames,
         };
         (self.emit)(&CaptureEvent::Hit(Box::new(record)));
-        Ok(())
+        Ok(ctx)
     }
 
     /// Removes everything planted and resumes.
