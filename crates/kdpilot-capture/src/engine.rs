@@ -15,7 +15,8 @@ use kdpilot_kd::wire::status;
 use kdpilot_kd::{Arch, PayloadError};
 use kdpilot_symbols::{
     CachedReader, Frame, KernelInfo, MemoryReader, Module, ModuleSet, ReadError, Registers,
-    StackWalker, StoreOptions, SymbolPath, SymbolStore, WalkLimits, X64Registers, X86Registers,
+    StackWalker, StoreOptions, SymbolPath, SymbolStore, WalkConfig, WalkLimits, X64Registers,
+    X86Registers,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -469,7 +470,16 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             }
         };
         let mut reader = CachedReader::new(TargetMemory(s));
-        let top = reader.read(regs.sp(), 32).await.unwrap_or_default();
+        // x64 arguments are in registers: nothing to read. x86 (stdcall) arguments are above
+        // the return address: read as much as the walker starts with, so the walk that follows
+        // is served from the cache instead of a second KD round trip.
+        let top = match &ctx {
+            Context::Amd64(_) => Vec::new(),
+            Context::X86(_) => {
+                let len = WalkConfig::default().initial_stack_read;
+                reader.read(regs.sp(), len).await.unwrap_or_default()
+            }
+        };
         let tag = arg(args.tag, &top).map_or(self.options.tag, |t| t as u32);
         if args.tag.is_some() && tag != self.options.tag {
             return Ok(ctx); // another tag: not ours (breakpoint strategy filter)
