@@ -11,7 +11,7 @@ use kdpilot_capture::record::HitRecord;
 use kdpilot_capture::strategy::StrategyChoice;
 use kdpilot_kd::client::EventSink;
 use kdpilot_kd::Arch;
-use kdpilot_sim::workload::{OpKind, TruthFrame};
+use kdpilot_sim::workload::OpKind;
 use kdpilot_sim::{
     serve_with, AllocationActivity, FaultyLine, LineModel, Machine, MachineConfig, TargetOptions,
 };
@@ -35,14 +35,6 @@ fn dir(arch: Arch, flavour: &str) -> PathBuf {
         .join("../fixtures/out")
         .join(a)
         .join(flavour)
-}
-
-fn text(f: &TruthFrame) -> String {
-    if f.offset == 0 {
-        format!("{}!{}", f.module, f.function)
-    } else {
-        format!("{}!{}+{:#x}", f.module, f.function, f.offset)
-    }
 }
 
 async fn run(
@@ -126,7 +118,7 @@ fn truth_stops(
             s.first()
                 .is_some_and(|f| format!("{}!{}", f.module, f.function) == function)
         })
-        .map(|s| s.iter().map(text).collect())
+        .map(|s| s.iter().map(ToString::to_string).collect())
         .collect()
 }
 

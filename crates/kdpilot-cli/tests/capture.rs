@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use kdpilot_capture::record::LogLine;
 use kdpilot_kd::Arch;
-use kdpilot_sim::workload::TruthFrame;
 use kdpilot_sim::{serve_with, AllocationActivity, Machine, MachineConfig, TargetOptions};
 use tokio::process::Command;
 
@@ -44,14 +43,6 @@ async fn start(
         (machine, activity)
     });
     (port, task)
-}
-
-fn text(f: &TruthFrame) -> String {
-    if f.offset == 0 {
-        format!("{}!{}", f.module, f.function)
-    } else {
-        format!("{}!{}+{:#x}", f.module, f.function, f.offset)
-    }
 }
 
 fn capture_cmd(port: u16, log: &std::path::Path, extra: &[&str]) -> Command {
@@ -133,7 +124,7 @@ async fn capture_logs_every_hit_across_reboots_and_appends() {
             s.first()
                 .is_some_and(|f| f.function == "ExAllocateHeapSpecialPool")
         })
-        .map(|s| s.iter().map(text).collect())
+        .map(|s| s.iter().map(ToString::to_string).collect())
         .collect();
     assert_eq!(
         got,

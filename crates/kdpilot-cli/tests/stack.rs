@@ -63,14 +63,6 @@ async fn start(
     (port, task)
 }
 
-fn frame_text(f: &TruthFrame) -> String {
-    if f.offset == 0 {
-        format!("{}!{}", f.module, f.function)
-    } else {
-        format!("{}!{}+{:#x}", f.module, f.function, f.offset)
-    }
-}
-
 async fn check(arch: Arch, flavour: &str, function: &str) {
     let (port, task) = start(arch, flavour).await;
     let target = format!("tcp:127.0.0.1:{port}");
@@ -129,7 +121,7 @@ async fn check(arch: Arch, flavour: &str, function: &str) {
         .skip(1)
         .filter_map(|l| l.split_whitespace().last().map(str::to_string))
         .collect();
-    let want: Vec<String> = truth.iter().map(frame_text).collect();
+    let want: Vec<String> = truth.iter().map(ToString::to_string).collect();
     assert_eq!(printed, want, "{arch} {flavour}:\n{text}");
 }
 

@@ -114,6 +114,17 @@ pub struct TruthFrame {
     pub offset: u64,
 }
 
+/// As WinDbg writes a call site: `module!function+0xoff`, no offset at 0.
+impl std::fmt::Display for TruthFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}!{}", self.module, self.function)?;
+        if self.offset != 0 {
+            write!(f, "+{:#x}", self.offset)?;
+        }
+        Ok(())
+    }
+}
+
 /// What really happened, for the tests.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TruthRecord {
