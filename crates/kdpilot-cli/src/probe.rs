@@ -8,10 +8,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 use kdpilot_kd::api::Continue2;
-use kdpilot_kd::client::{ClientConfig, Connection, Stopped, Timing};
+use kdpilot_kd::client::Stopped;
 use kdpilot_kd::state_change::StateInfo;
 use kdpilot_kd::wire::status;
-use kdpilot_transport::{open_waiting, Endpoint, WaitOptions};
+use kdpilot_transport::Endpoint;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::error::{CliError, ResultExt as _};
@@ -38,33 +38,8 @@ pub async fn run(args: ProbeArgs) -> anyhow::Result<()> {
 
 /// Connects to `endpoint`, identifies the target, resumes it and returns the report.
 pub async fn probe(endpoint: &Endpoint, timeout: Duration) -> anyhow::Result<String> {
-    let wait = WaitOptions {
-        give_up_after: Some(timeout),
-        ..WaitOptions::default()
-    };
-    let link = open_waiting(endpoint, &wait, |ev| tracing::info!("{ev}"))
-        .await
-        .with_context(|| format!("could not open {}", endpoint.description()))
-        .target_err()?;
-    let config = ClientConfig {
-        timing: timing_for(endpoint),
-        resets: endpoint.resets().unwrap_or(5),
-        ..ClientConfig::default()
-    };
-    tracing::info!("connecting to {}", endpoint.description());
-    let stopped = Connection::new(link, config)
-        .connect(timeout)
-        .await
-        .with_context(|| format!("no KD target answered on {}", endpoint.description()))
-        .target_err()?;
+    let stopped = crate::session::connect_endpoint(endpoint, timeout).await?;
     identify(stopped).await.target_err()
-}
-
-/// Link timing for an endpoint: scaled to the baud rate on serial lines.
-pub fn timing_for(endpoint: &Endpoint) -> Timing {
-    let mut timing = endpoint.baud().map(Timing::for_baud).unwrap_or_default();
-    timing.latency = timing.latency.max(Duration::from_millis(300));
-    timing
 }
 
 /// Reads what the target is, resumes it, and returns the report text.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 pub use kdpilot_capture::engine::TargetMemory;
-use kdpilot_kd::client::{ClientConfig, Connection, Stopped};
+use kdpilot_kd::client::{ClientConfig, Connection, Stopped, Timing};
 use kdpilot_symbols::{
     KernelInfo, ModuleSet, ProgressEvent, ProgressSink, StoreOptions, SymbolPath, SymbolStore,
     WalkLimits,
@@ -16,7 +16,6 @@ use kdpilot_transport::{open_waiting, Endpoint, Link, WaitOptions};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::error::{CliError, ResultExt as _};
-use crate::probe::timing_for;
 
 /// Options of every command that talks to a target and needs symbols.
 #[derive(Debug, Args)]
@@ -54,26 +53,41 @@ impl TargetArgs {
 
 /// Opens the endpoint and gets the target stopped and identified.
 pub async fn connect(args: &TargetArgs) -> anyhow::Result<Stopped<Link>> {
-    let endpoint = args.endpoint()?;
+    connect_endpoint(&args.endpoint()?, args.timeout()).await
+}
+
+/// Opens `endpoint` (waiting for it with `reconnect`), then synchronises and breaks in,
+/// giving up after `timeout`. Timeouts scale with the line rate.
+pub async fn connect_endpoint(
+    endpoint: &Endpoint,
+    timeout: Duration,
+) -> anyhow::Result<Stopped<Link>> {
     let wait = WaitOptions {
-        give_up_after: Some(args.timeout()),
+        give_up_after: Some(timeout),
         ..WaitOptions::default()
     };
-    let link = open_waiting(&endpoint, &wait, |ev| tracing::info!("{ev}"))
+    let link = open_waiting(endpoint, &wait, |ev| tracing::info!("{ev}"))
         .await
         .with_context(|| format!("could not open {}", endpoint.description()))
         .target_err()?;
     let config = ClientConfig {
-        timing: timing_for(&endpoint),
+        timing: timing_for(endpoint),
         resets: endpoint.resets().unwrap_or(5),
         ..ClientConfig::default()
     };
     tracing::info!("connecting to {}", endpoint.description());
     Connection::new(link, config)
-        .connect(args.timeout())
+        .connect(timeout)
         .await
         .with_context(|| format!("no KD target answered on {}", endpoint.description()))
         .target_err()
+}
+
+/// Link timing for an endpoint: scaled to the baud rate on serial lines.
+pub fn timing_for(endpoint: &Endpoint) -> Timing {
+    let mut timing = endpoint.baud().map(Timing::for_baud).unwrap_or_default();
+    timing.latency = timing.latency.max(Duration::from_millis(300));
+    timing
 }
 
 /// The modules of the stopped target (PsLoadedModuleList walk, PE headers, CodeView).
