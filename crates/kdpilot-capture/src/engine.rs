@@ -1,16 +1,30 @@
-//! The capture loop over one KD link: identify, load symbols, arm, record every hit, step over
-//! and re-arm, follow reboots, detach cleanly. It emits [`CaptureEvent`]s and never prints.
+//! The capture loop: connect, identify the boot, load symbols, arm, record every hit, step over
+//! and re-arm, follow reboots and lost links, detach cleanly. It emits [`CaptureEvent`]s and
+//! never prints.
 //!
-//! Status: one link (no reopening after a lost link yet), reboots followed on the same link.
+//! The engine keeps what it planted per boot ([`BootState`]) outside any one link, so a link
+//! that goes away (a vanished pipe, a reset port, a target that stops answering) is reopened
+//! through a [`Connector`] and the capture goes on where it was:
+//!
+//! - same boot (same kernel base): the old breakpoint handle is restored (the kernel may or may
+//!   not still hold it) and planted again; a hit whose record was written but whose stop was
+//!   never resumed is recognised when the kernel reports that stop again, and not written twice;
+//! - new boot (the kernel moved, KASLR): a `reboot` is recorded, the new boot is identified and
+//!   armed.
+//!
+//! Any stop is handled: "unload all" (a reboot), the boot's LoadSymbols stops, our breakpoint,
+//! the kernel's PoolHitTag break, single steps, foreign breakpoints and exceptions. DbgPrint,
+//! DbgPrompt and file requests are answered by the KD client below.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use kdpilot_kd::api::{self, Continue2, GetContext, SetContext};
-use kdpilot_kd::client::{KdError, Running, Stopped, WaitOutcome};
-use kdpilot_kd::context::Context;
-use kdpilot_kd::state_change::StateInfo;
+use kdpilot_kd::api::{self, Continue2, GetContext, GetContextEx, SetContext, SetContextEx};
+use kdpilot_kd::client::{KdError, LinkStats, Running, Stopped, WaitOutcome};
+use kdpilot_kd::context::{Amd64Reg, Context, ContextRange, X86Reg};
+use kdpilot_kd::state_change::{StateChange, StateInfo};
+use kdpilot_kd::version::GetVersion64;
 use kdpilot_kd::wire::status;
 use kdpilot_kd::{Arch, PayloadError};
 use kdpilot_symbols::{
@@ -21,7 +35,7 @@ use kdpilot_symbols::{
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::record::{FrameRecord, HitRecord};
-use crate::strategy::{plan, ArgLayout, Plan, StrategyChoice, StrategyError};
+use crate::strategy::{plan, unloaded_module, ArgLayout, Plan, StrategyChoice, StrategyError};
 
 /// What a capture does.
 #[derive(Clone, Debug)]
@@ -40,10 +54,37 @@ pub struct CaptureOptions {
     pub duration: Option<Duration>,
 }
 
+/// The state of the link, for a status line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkState {
+    /// Opening the endpoint or waiting for the target to answer.
+    Waiting,
+    /// Synchronised; the target runs (or is stopped for a hit).
+    Up,
+}
+
+/// A periodic snapshot for a status line.
+#[derive(Clone, Debug)]
+pub struct Status {
+    /// The link.
+    pub link: LinkState,
+    /// Byte and packet counters over every link of this capture.
+    pub stats: LinkStats,
+    /// Hits recorded.
+    pub hits: u64,
+    /// The boot in progress (0 before the first).
+    pub boot: u64,
+}
+
 /// What the capture did or saw; the CLI renders these.
 #[derive(Clone, Debug)]
 pub enum CaptureEvent {
-    /// Synchronised with the target.
+    /// Opening the endpoint or waiting for the target (the first time, and after a link loss).
+    Waiting {
+        /// What is awaited, for a spinner.
+        what: String,
+    },
+    /// Synchronised with the target (the first time, and again after a link loss).
     Connected {
         /// Build number.
         build: u16,
@@ -74,21 +115,47 @@ pub enum CaptureEvent {
         /// Why this strategy.
         why: String,
     },
+    /// The breakpoint's module is not loaded yet: it is planted when the module loads (as
+    /// WinDbg's `bu`).
+    Deferred {
+        /// Boot number.
+        boot: u64,
+        /// The symbol.
+        target: String,
+        /// The module awaited.
+        module: String,
+    },
     /// A captured allocation.
     Hit(Box<HitRecord>),
-    /// The target is going down for a reboot ("unload all").
+    /// A boot ended: the kernel's "unload all" stop, or a new kernel base found after a link
+    /// loss.
     Reboot {
         /// The boot that ended.
         boot: u64,
+        /// How it was noticed.
+        reason: String,
     },
+    /// The link went away; the capture reopens it and waits for the target.
+    LinkLost {
+        /// The boot in progress (0 if none was identified).
+        boot: u64,
+        /// What happened.
+        reason: String,
+    },
+    /// Counters, twice a second while the target runs.
+    Status(Status),
     /// Something the user should know.
     Warning(String),
-    /// The capture ended and left the target running.
+    /// The capture ended.
     Detached {
         /// Hits captured.
         hits: u64,
-        /// Whether every breakpoint was removed and PoolHitTag restored.
+        /// Why it ended (`max-hits`, `duration`, `stop requested`, an error).
+        reason: String,
+        /// Whether every breakpoint was removed, PoolHitTag restored and the target resumed.
         clean: bool,
+        /// What may still be planted when `clean` is false (the link was gone at the end).
+        left_planted: Vec<String>,
     },
 }
 
@@ -98,6 +165,9 @@ pub enum CaptureError {
     /// The KD link failed.
     #[error(transparent)]
     Kd(#[from] KdError),
+    /// The first connection could not be made.
+    #[error("{0}")]
+    Connect(String),
     /// No strategy could be armed.
     #[error(transparent)]
     Strategy(#[from] StrategyError),
@@ -107,6 +177,62 @@ pub enum CaptureError {
     /// Target memory could not be read through the link.
     #[error("reading target memory: {0}")]
     Memory(String),
+}
+
+impl CaptureError {
+    /// True when the link (not the capture) is at fault: reopen it and go on.
+    pub fn is_link_trouble(&self) -> bool {
+        match self {
+            CaptureError::Kd(e) => e.is_fatal() || matches!(e, KdError::ReplyLost { .. }),
+            _ => false,
+        }
+    }
+}
+
+/// A failed connection attempt.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ConnectError {
+    /// What went wrong, with the fix.
+    pub message: String,
+    /// Worth trying again (the endpoint or target may come back).
+    pub retry: bool,
+}
+
+/// Opens (and reopens) the link and gets the target stopped and identified.
+#[allow(async_fn_in_trait)] // the engine runs on one task; Send-ness is left to the caller
+pub trait Connector {
+    /// The byte stream.
+    type Link: AsyncRead + AsyncWrite + Unpin;
+    /// Opens the endpoint, synchronises and breaks in. `reconnect` is false the first time;
+    /// after a link loss a connector should wait for the endpoint to come back.
+    async fn connect(&mut self, reconnect: bool) -> Result<Stopped<Self::Link>, ConnectError>;
+    /// What is being connected to, for messages.
+    fn describe(&self) -> String;
+}
+
+/// A connector for a link that is already synchronised and cannot be reopened: the capture
+/// ends when it is lost.
+pub struct OneLink<S>(Option<Stopped<S>>);
+
+impl<S> OneLink<S> {
+    /// Wraps a synchronised link.
+    pub fn new(stopped: Stopped<S>) -> Self {
+        Self(Some(stopped))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connector for OneLink<S> {
+    type Link = S;
+    async fn connect(&mut self, _reconnect: bool) -> Result<Stopped<S>, ConnectError> {
+        self.0.take().ok_or_else(|| ConnectError {
+            message: "the link was lost and this capture cannot reopen it".into(),
+            retry: false,
+        })
+    }
+    fn describe(&self) -> String {
+        "the target".into()
+    }
 }
 
 /// Target memory through the KD link, for the symbols crate: unreadable memory is an empty or
@@ -123,12 +249,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MemoryReader for TargetMemory<'_, S> {
     }
 }
 
-/// Per-boot state: modules, plan, the breakpoint handle or the old PoolHitTag.
-struct Armed {
+/// What the capture knows about one boot of the target: its modules, the plan, and what is
+/// planted. It outlives links: after a link loss it says what to restore.
+struct BootState {
+    kern_base: u64,
     modules: ModuleSet,
-    plan: Plan,
+    /// `None` while a deferred breakpoint waits for its module.
+    plan: Option<Plan>,
+    /// The module a deferred breakpoint waits for.
+    awaiting: Option<String>,
+    /// The handle of our planted breakpoint (`None`: not planted, or consumed at a stop).
     handle: Option<u32>,
+    /// PoolHitTag holds our tag.
+    hit_tag_written: bool,
+    /// PoolHitTag's value before we wrote it.
     old_hit_tag: Option<u32>,
+    /// The `armed` event was emitted for this boot.
+    announced: bool,
+}
+
+/// How to leave a stop.
+enum Next {
+    /// Plant what is missing, then go.
+    Go,
+    /// Step over our consumed breakpoint (TraceFlag), plant it again, go.
+    StepOver,
+    /// "unload all": the old continue, as WinDbg answers it; the boot is over.
+    UnloadAll,
+}
+
+/// A hit whose record was written but whose stop was not yet resumed: if the link dies here,
+/// the kernel reports the same stop again after the reconnect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct InFlight {
+    boot: u64,
+    processor: u16,
+    thread: u64,
+    pc: u64,
 }
 
 /// The capture engine.
@@ -138,6 +295,14 @@ pub struct Capture<F: FnMut(&CaptureEvent)> {
     store: Option<Arc<SymbolStore>>,
     boot: u64,
     hits: u64,
+    state: Option<BootState>,
+    in_flight: Option<InFlight>,
+    /// Whether the target answers GetContextEx (`None`: not asked yet).
+    context_ex: Option<bool>,
+    /// Counters of links that are gone, and the last seen of the current one.
+    stats_done: LinkStats,
+    stats_now: LinkStats,
+    started: Instant,
 }
 
 impl<F: FnMut(&CaptureEvent)> Capture<F> {
@@ -160,6 +325,12 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             store,
             boot: 0,
             hits: 0,
+            state: None,
+            in_flight: None,
+            context_ex: None,
+            stats_done: LinkStats::default(),
+            stats_now: LinkStats::default(),
+            started: Instant::now(),
         })
     }
 
@@ -168,15 +339,159 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
         self.hits
     }
 
-    /// Runs the capture on a connected, stopped target until max hits, the duration, or `stop`
-    /// is set (checked twice a second: Ctrl-C); then detaches, leaving the target running with
-    /// nothing planted.
+    /// Byte and packet counters over every link so far.
+    pub fn stats(&self) -> LinkStats {
+        add_stats(&self.stats_done, &self.stats_now)
+    }
+
+    /// Runs the capture on one connected, stopped target; a lost link ends it (see
+    /// [`Capture::run_with`] to reopen it).
     pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
-        mut stopped: Stopped<S>,
+        stopped: Stopped<S>,
         stop: &AtomicBool,
     ) -> Result<u64, CaptureError> {
-        let started = Instant::now();
+        self.run_with(&mut OneLink::new(stopped), stop).await
+    }
+
+    /// Runs the capture until max hits, the duration, or `stop` is set (checked twice a
+    /// second: Ctrl-C); then detaches, leaving the target running with nothing planted.
+    /// A lost link is reopened through `connector`, as often as it takes.
+    pub async fn run_with<C: Connector>(
+        &mut self,
+        connector: &mut C,
+        stop: &AtomicBool,
+    ) -> Result<u64, CaptureError> {
+        self.started = Instant::now();
+        let mut reconnect = false;
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            (self.emit)(&CaptureEvent::Waiting {
+                what: if reconnect {
+                    format!(
+                        "reopening {} and waiting for the target",
+                        connector.describe()
+                    )
+                } else {
+                    format!("waiting for {}", connector.describe())
+                },
+            });
+            let attempt = tokio::select! {
+                r = connector.connect(reconnect) => Some(r),
+                () = until(|| self.done(stop).is_some()) => None,
+            };
+            let stopped = match attempt {
+                None => return Ok(self.give_up("the capture ended while the link was down")),
+                Some(Ok(s)) => s,
+                Some(Err(e)) if !reconnect => return Err(CaptureError::Connect(e.message)),
+                Some(Err(e)) if !e.retry => return Ok(self.give_up(&e.message)),
+                Some(Err(e)) => {
+                    (self.emit)(&CaptureEvent::Warning(format!("{e}; trying again")));
+                    if self.pause(backoff, stop).await {
+                        return Ok(self.give_up("the capture ended while the link was down"));
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            let hits_before = self.hits;
+            let result = self.session(stopped, stop, reconnect).await;
+            self.stats_done = add_stats(&self.stats_done, &self.stats_now);
+            self.stats_now = LinkStats::default();
+            match result {
+                Ok(()) => return Ok(self.hits),
+                Err(e) if e.is_link_trouble() => {
+                    (self.emit)(&CaptureEvent::LinkLost {
+                        boot: self.boot,
+                        reason: e.to_string(),
+                    });
+                    reconnect = true;
+                    // A session that got nowhere (the same stop failing again) backs off.
+                    if self.hits == hits_before {
+                        if self.pause(backoff, stop).await {
+                            return Ok(self.give_up("the capture ended while the link was down"));
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    } else {
+                        backoff = Duration::from_millis(250);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Why the capture should end now, if it should.
+    fn done(&self, stop: &AtomicBool) -> Option<&'static str> {
+        if stop.load(Ordering::Relaxed) {
+            Some("stop requested")
+        } else if self.options.max_hits.is_some_and(|m| self.hits >= m) {
+            Some("max-hits")
+        } else if self
+            .options
+            .duration
+            .is_some_and(|d| self.started.elapsed() >= d)
+        {
+            Some("duration")
+        } else {
+            None
+        }
+    }
+
+    /// Sleeps `d`; true if the capture should end meanwhile.
+    async fn pause(&self, d: Duration, stop: &AtomicBool) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(d) => self.done(stop).is_some(),
+            () = until(|| self.done(stop).is_some()) => true,
+        }
+    }
+
+    /// Ends without a link: says what may be left on the target.
+    fn give_up(&mut self, why: &str) -> u64 {
+        let left_planted = self.left_planted();
+        (self.emit)(&CaptureEvent::Detached {
+            hits: self.hits,
+            reason: why.to_string(),
+            clean: left_planted.is_empty(),
+            left_planted,
+        });
+        self.hits
+    }
+
+    /// What may still be planted on the target if we cannot reach it.
+    fn left_planted(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(b) = &self.state {
+            match &b.plan {
+                Some(Plan::Breakpoint {
+                    symbol, address, ..
+                }) if b.handle.is_some() => {
+                    out.push(format!("a breakpoint at {symbol} ({address:#x})"));
+                }
+                Some(Plan::PoolHitTag { address, .. }) if b.hit_tag_written => {
+                    out.push(format!(
+                        "nt!PoolHitTag ({address:#x}) = {:#010x}, was {}",
+                        self.options.tag,
+                        b.old_hit_tag
+                            .map_or_else(|| "unknown".to_string(), |v| format!("{v:#010x}"))
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if self.in_flight.is_some() {
+            out.push("the target may be stopped in the debugger (connect kd and type g)".into());
+        }
+        out
+    }
+
+    /// One link, from its first stop until the capture ends (`Ok`) or the link fails.
+    async fn session<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        stopped: Stopped<S>,
+        stop: &AtomicBool,
+        reconnect: bool,
+    ) -> Result<(), CaptureError> {
         if let Some(v) = stopped.version().cloned() {
             (self.emit)(&CaptureEvent::Connected {
                 build: v.minor_version,
@@ -185,57 +500,249 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                 processors: stopped.state().number_processors,
             });
         }
-        let mut armed = self.arm(&mut stopped).await?;
-        let mut running = self.resume(stopped).await?;
+        let _ = reconnect;
+        let mut running = self.handle_and_resume(stopped, true).await?;
+        let mut last_status = Instant::now();
         loop {
-            let done = self.options.max_hits.is_some_and(|m| self.hits >= m)
-                || self
-                    .options
-                    .duration
-                    .is_some_and(|d| started.elapsed() >= d)
-                || stop.load(Ordering::Relaxed);
-            if done {
-                break;
+            self.stats_now = running.stats().clone();
+            if let Some(reason) = self.done(stop) {
+                let s = running.break_in(Duration::from_secs(30)).await?;
+                return self.finish(s, reason).await;
             }
-            let s = match running.wait_stop(Duration::from_millis(500)).await? {
-                WaitOutcome::StillRunning(r) => {
-                    running = r;
-                    continue;
-                }
-                WaitOutcome::Stopped(s) => s,
+            if last_status.elapsed() >= Duration::from_millis(500) {
+                last_status = Instant::now();
+                self.emit_status(LinkState::Up);
+            }
+            running = match running.wait_stop(Duration::from_millis(500)).await? {
+                WaitOutcome::StillRunning(r) => r,
+                WaitOutcome::Stopped(s) => self.handle_and_resume(s, false).await?,
             };
-            let (r, a) = self.on_stop(s, armed).await?;
-            running = r;
-            armed = a;
         }
-        let stopped = self.break_in(running).await?;
-        self.detach(stopped, armed).await
     }
 
-    async fn break_in<S: AsyncRead + AsyncWrite + Unpin>(
-        &mut self,
-        running: Running<S>,
-    ) -> Result<Stopped<S>, CaptureError> {
-        Ok(running.break_in(Duration::from_secs(30)).await?)
+    fn emit_status(&mut self, link: LinkState) {
+        let status = Status {
+            link,
+            stats: self.stats(),
+            hits: self.hits,
+            boot: self.boot,
+        };
+        (self.emit)(&CaptureEvent::Status(status));
     }
 
-    async fn resume<S: AsyncRead + AsyncWrite + Unpin>(
+    /// The end with the link up: a hit that arrived with the break-in is still recorded, then
+    /// everything is removed and the target resumed.
+    async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
-        stopped: Stopped<S>,
+        mut s: Stopped<S>,
+        reason: &str,
+    ) -> Result<(), CaptureError> {
+        if self.options.max_hits.is_none_or(|m| self.hits < m) {
+            if let Some(plan) = self.our_stop(s.state()) {
+                if let Err(e) = self.record(&mut s, &plan).await {
+                    if e.is_link_trouble() {
+                        return Err(e);
+                    }
+                    (self.emit)(&CaptureEvent::Warning(format!(
+                        "the last hit could not be read: {e}"
+                    )));
+                }
+            }
+        }
+        self.detach(s, reason).await
+    }
+
+    /// Handles a stop, then leaves it. Errors that are not the link's end the capture, after
+    /// a best-effort detach.
+    async fn handle_and_resume<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        mut s: Stopped<S>,
+        fresh: bool,
     ) -> Result<Running<S>, CaptureError> {
-        let dr7 = stopped.state().control_report(stopped.arch()).dr7();
-        Ok(stopped.resume(&Continue2::go().with_dr7(dr7)).await?)
+        self.stats_now = s.stats().clone();
+        let next = match self.handle_stop(&mut s, fresh).await {
+            Ok(n) => n,
+            Err(e) if e.is_link_trouble() => return Err(e),
+            Err(e) => {
+                let _ = self.detach(s, &format!("error: {e}")).await;
+                return Err(e);
+            }
+        };
+        match next {
+            Next::UnloadAll => {
+                self.state = None;
+                self.in_flight = None;
+                Ok(s.continue_old(status::DBG_CONTINUE).await?)
+            }
+            Next::Go => self.go(s).await,
+            Next::StepOver => {
+                if let Some(b) = &mut self.state {
+                    b.handle = None; // consumed at the stop (sheet 4.4)
+                }
+                let r = s.resume(&Continue2::single_step()).await?;
+                self.in_flight = None;
+                let s2 = match r.wait_stop(Duration::from_secs(30)).await? {
+                    WaitOutcome::Stopped(s2) => s2,
+                    WaitOutcome::StillRunning(r) => r.break_in(Duration::from_secs(30)).await?,
+                };
+                if s2.state().is_single_step() {
+                    self.go(s2).await
+                } else {
+                    // Something else came first (another CPU, a reboot): handle it as any stop;
+                    // our breakpoint is planted again before the target goes on.
+                    Box::pin(self.handle_and_resume(s2, false)).await
+                }
+            }
+        }
     }
 
-    /// Identifies the boot, reads modules and symbols, makes and applies the plan.
-    async fn arm<S: AsyncRead + AsyncWrite + Unpin>(
+    /// Plants what is missing and resumes.
+    async fn go<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
-        stopped: &mut Stopped<S>,
-    ) -> Result<Armed, CaptureError> {
-        let v = stopped
-            .version()
-            .cloned()
-            .ok_or_else(|| CaptureError::Memory("no version".into()))?;
+        mut s: Stopped<S>,
+    ) -> Result<Running<S>, CaptureError> {
+        self.plant(&mut s).await?;
+        let dr7 = s.state().control_report(s.arch()).dr7();
+        let r = s.resume(&Continue2::go().with_dr7(dr7)).await?;
+        self.in_flight = None;
+        Ok(r)
+    }
+
+    /// Decides what a stop is and records a hit.
+    async fn handle_stop<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        s: &mut Stopped<S>,
+        fresh: bool,
+    ) -> Result<Next, CaptureError> {
+        let state = s.state().clone();
+        if state.is_unload_all() {
+            if self.state.is_some() {
+                (self.emit)(&CaptureEvent::Reboot {
+                    boot: self.boot,
+                    reason: "unload all symbols".into(),
+                });
+            }
+            return Ok(Next::UnloadAll);
+        }
+        let ours = self.our_stop(&state);
+        if fresh || self.state.is_none() || ours.is_none() {
+            let v = s.refresh_version().await?.clone();
+            self.identify(s, &v, fresh).await?;
+        }
+        if let StateInfo::LoadSymbols(ls) = &state.info {
+            if !ls.is_unload() {
+                self.module_loaded(s, ls.base_of_dll, ls.size_of_image, &ls.path_str())
+                    .await?;
+            }
+        }
+        let Some(plan) = self.our_stop(&state) else {
+            if !fresh {
+                if let StateInfo::Exception(e) = &state.info {
+                    if !state.is_single_step() {
+                        self.foreign_exception(e.record.code, state.program_counter);
+                    }
+                }
+            }
+            return Ok(Next::Go);
+        };
+        let key = InFlight {
+            boot: self.boot,
+            processor: state.processor,
+            thread: state.thread,
+            pc: state.program_counter,
+        };
+        let seen = fresh && self.in_flight == Some(key);
+        match plan {
+            Plan::Breakpoint { .. } => {
+                if !seen {
+                    self.record(s, &plan).await?;
+                    self.in_flight = Some(key);
+                }
+                Ok(Next::StepOver)
+            }
+            Plan::PoolHitTag { .. } => {
+                let mut ctx = if seen {
+                    self.registers(s).await?
+                } else {
+                    let ctx = self.record(s, &plan).await?;
+                    self.in_flight = Some(key);
+                    ctx
+                };
+                // Step past the kernel's own int3, as WinDbg does (PC+1). The reported PC is
+                // the int3's, also when the stop is reported again after a reconnect.
+                ctx.set_pc(state.program_counter.wrapping_add(1));
+                self.set_pc(s, &ctx).await?;
+                Ok(Next::Go)
+            }
+        }
+    }
+
+    fn foreign_exception(&mut self, code: u32, pc: u64) {
+        let at = match &self.state {
+            Some(b) => b.modules.describe(pc, false).to_string(),
+            None => format!("{pc:#x}"),
+        };
+        (self.emit)(&CaptureEvent::Warning(format!(
+            "the target stopped on exception {code:#010x} at {at} (not kdpilot's); resuming it"
+        )));
+    }
+
+    /// Which of our plans this stop is a hit of.
+    fn our_stop(&self, state: &StateChange) -> Option<Plan> {
+        let b = self.state.as_ref()?;
+        let plan = b.plan.as_ref()?;
+        let StateInfo::Exception(e) = &state.info else {
+            return None;
+        };
+        if e.record.code != status::BREAKPOINT {
+            return None;
+        }
+        let pc = state.program_counter;
+        match plan {
+            Plan::Breakpoint { address, .. } if *address == pc => Some(plan.clone()),
+            Plan::PoolHitTag { .. } if b.hit_tag_written && is_hit_tag_break(&b.modules, pc) => {
+                Some(plan.clone())
+            }
+            _ => None,
+        }
+    }
+
+    /// The boot of this stop: the one we know (after a reconnect: restore our breakpoint, the
+    /// kernel may or may not still hold it), or a new one (identify and plan it).
+    async fn identify<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        s: &mut Stopped<S>,
+        v: &GetVersion64,
+        fresh: bool,
+    ) -> Result<(), CaptureError> {
+        if let Some(b) = &mut self.state {
+            if b.kern_base == v.kern_base {
+                if fresh {
+                    if let Some(h) = b.handle.take() {
+                        let _ = s.request(&api::RestoreBreakPoint { handle: h }).await;
+                    }
+                }
+                return Ok(());
+            }
+            (self.emit)(&CaptureEvent::Reboot {
+                boot: self.boot,
+                reason: format!(
+                    "the kernel moved from {:#x} to {:#x}: the target rebooted",
+                    b.kern_base, v.kern_base
+                ),
+            });
+            self.state = None;
+            self.in_flight = None;
+        }
+        self.new_boot(s, v).await
+    }
+
+    /// A new boot: modules, symbols, the plan (planted on resume).
+    async fn new_boot<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        s: &mut Stopped<S>,
+        v: &GetVersion64,
+    ) -> Result<(), CaptureError> {
         self.boot += 1;
         (self.emit)(&CaptureEvent::Boot {
             boot: self.boot,
@@ -243,12 +750,12 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             build: v.minor_version,
         });
         let kernel = KernelInfo {
-            arch: stopped.arch(),
+            arch: s.arch(),
             kern_base: v.kern_base,
             ps_loaded_module_list: v.ps_loaded_module_list,
         };
         let mut modules = {
-            let mut reader = TargetMemory(stopped);
+            let mut reader = TargetMemory(s);
             match ModuleSet::from_target(&mut reader, &kernel, &WalkLimits::default()).await {
                 Ok((set, warnings)) => {
                     for w in warnings {
@@ -262,52 +769,176 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
         if modules.by_name("nt").is_none() {
             // Early in a boot the list may be empty: the kernel alone, from GetVersion.
             let mut nt = Module::new("nt", "ntoskrnl.exe", v.kern_base, 0);
-            let _ = nt.read_headers(&mut TargetMemory(stopped)).await;
-            modules = ModuleSet::new(Some(stopped.arch()), vec![nt]);
+            let _ = nt.read_headers(&mut TargetMemory(s)).await;
+            modules = ModuleSet::new(Some(s.arch()), vec![nt]);
         }
         if let Some(store) = &self.store {
             for m in modules.modules_mut() {
                 let load = store.load_module(m).await;
                 if let Err(e) = load.pdb {
-                    (self.emit)(&CaptureEvent::Warning(format!("{}: {e}", m.name)));
+                    let what = if m.name == "nt" {
+                        format!(
+                            "no symbols for the kernel: {e} (symbol path: {}). Fix --symbols or _NT_SYMBOL_PATH \
+                             (srv*C:\\symbols*https://msdl.microsoft.com/download/symbols)",
+                            self.options.symbols
+                        )
+                    } else {
+                        format!("{}: {e}", m.name)
+                    };
+                    (self.emit)(&CaptureEvent::Warning(what));
                 }
             }
         }
-        let plan = plan(&self.options.strategy, &modules)?;
-        let mut armed = Armed {
+        let mut state = BootState {
+            kern_base: v.kern_base,
             modules,
-            plan,
+            plan: None,
+            awaiting: None,
             handle: None,
+            hit_tag_written: false,
             old_hit_tag: None,
+            announced: false,
         };
-        self.plant(stopped, &mut armed).await?;
-        if let Plan::Breakpoint { symbol, .. } = &armed.plan {
-            if symbol.contains("SpecialPool") {
-                self.check_special_pool_tag(stopped, &armed).await;
+        self.make_plan(&mut state)?;
+        self.state = Some(state);
+        Ok(())
+    }
+
+    /// Plans, or defers a breakpoint whose module is not loaded yet.
+    fn make_plan(&mut self, state: &mut BootState) -> Result<(), CaptureError> {
+        match plan(&self.options.strategy, &state.modules) {
+            Ok(p) => {
+                state.plan = Some(p);
+                state.awaiting = None;
+                Ok(())
+            }
+            Err(e) => {
+                let StrategyChoice::Breakpoint(symbol) = &self.options.strategy else {
+                    return Err(e.into());
+                };
+                let Some(module) = unloaded_module(&state.modules, symbol) else {
+                    return Err(e.into());
+                };
+                if state.awaiting.as_deref() != Some(module.as_str()) {
+                    (self.emit)(&CaptureEvent::Deferred {
+                        boot: self.boot,
+                        target: symbol.clone(),
+                        module: module.clone(),
+                    });
+                }
+                state.awaiting = Some(module);
+                Ok(())
             }
         }
-        let address = match &armed.plan {
-            Plan::Breakpoint { address, .. } | Plan::PoolHitTag { address, .. } => *address,
+    }
+
+    /// A LoadSymbols stop: if a deferred breakpoint waits for this module, add it and plan.
+    async fn module_loaded<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        s: &mut Stopped<S>,
+        base: u64,
+        size: u32,
+        path: &str,
+    ) -> Result<(), CaptureError> {
+        let Some(mut state) = self.state.take() else {
+            return Ok(());
         };
-        (self.emit)(&CaptureEvent::Armed {
-            boot: self.boot,
-            target: armed.plan.target(),
-            address,
-            why: armed.plan.why().to_string(),
-        });
-        Ok(armed)
+        let file = path.rsplit(['\\', '/']).next().unwrap_or(path).to_string();
+        let stem = file.split('.').next().unwrap_or(&file).to_ascii_lowercase();
+        let wanted = state
+            .awaiting
+            .as_deref()
+            .is_some_and(|m| m.eq_ignore_ascii_case(&stem));
+        if wanted && state.modules.by_name(&stem).is_none() {
+            let mut m = Module::new(stem.clone(), file, base, size);
+            let _ = m.read_headers(&mut TargetMemory(s)).await;
+            if let Some(store) = &self.store {
+                if let Err(e) = store.load_module(&mut m).await.pdb {
+                    (self.emit)(&CaptureEvent::Warning(format!("{}: {e}", m.name)));
+                }
+            }
+            let mut all: Vec<Module> = state.modules.modules().to_vec();
+            all.push(m);
+            state.modules = ModuleSet::new(Some(s.arch()), all);
+        }
+        let result = if wanted {
+            self.make_plan(&mut state)
+        } else {
+            Ok(())
+        };
+        self.state = Some(state);
+        result
+    }
+
+    /// Plants the plan if it is not planted; announces it once per boot.
+    async fn plant<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        s: &mut Stopped<S>,
+    ) -> Result<(), CaptureError> {
+        let Some(b) = self.state.as_mut() else {
+            return Ok(());
+        };
+        let Some(plan) = b.plan.clone() else {
+            return Ok(());
+        };
+        match &plan {
+            Plan::Breakpoint { address, .. } => {
+                if b.handle.is_none() {
+                    b.handle = Some(
+                        s.request(&api::WriteBreakPoint { address: *address })
+                            .await?,
+                    );
+                }
+            }
+            Plan::PoolHitTag { address, .. } => {
+                if !b.hit_tag_written {
+                    if b.old_hit_tag.is_none() {
+                        let old = s.read_virtual(*address, 4).await?;
+                        b.old_hit_tag = <[u8; 4]>::try_from(old).ok().map(u32::from_le_bytes);
+                    }
+                    s.request(&api::WriteVirtualMemory {
+                        address: *address,
+                        data: self.options.tag.to_le_bytes().to_vec(),
+                    })
+                    .await?;
+                    b.hit_tag_written = true;
+                }
+            }
+        }
+        if !b.announced {
+            b.announced = true;
+            let (target, address) = match &plan {
+                Plan::Breakpoint {
+                    symbol, address, ..
+                } => (symbol.clone(), *address),
+                Plan::PoolHitTag { address, .. } => ("nt!PoolHitTag".to_string(), *address),
+            };
+            if target.contains("SpecialPool") {
+                self.check_special_pool_tag(s).await;
+            }
+            (self.emit)(&CaptureEvent::Armed {
+                boot: self.boot,
+                target,
+                address,
+                why: plan.why().to_string(),
+            });
+        }
+        Ok(())
     }
 
     /// Warns when special pool is not set for the tag (the breakpoint would never fire).
     async fn check_special_pool_tag<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
-        stopped: &mut Stopped<S>,
-        armed: &Armed,
+        s: &mut Stopped<S>,
     ) {
-        let Ok(addr) = armed.modules.resolve("nt!MmSpecialPoolTag") else {
+        let Some(Ok(addr)) = self
+            .state
+            .as_ref()
+            .map(|b| b.modules.resolve("nt!MmSpecialPoolTag"))
+        else {
             return;
         };
-        let Ok(bytes) = stopped.read_virtual(addr, 4).await else {
+        let Ok(bytes) = s.read_virtual(addr, 4).await else {
             return;
         };
         let Ok(b) = <[u8; 4]>::try_from(bytes) else {
@@ -323,136 +954,77 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
         }
     }
 
-    async fn plant<S: AsyncRead + AsyncWrite + Unpin>(
+    /// The registers a hit needs: the integer registers and the program counter (GetContextEx,
+    /// 136 bytes on x64 / 44 on x86), or the whole CONTEXT where GetContextEx is refused.
+    async fn registers<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
-        stopped: &mut Stopped<S>,
-        armed: &mut Armed,
-    ) -> Result<(), CaptureError> {
-        match armed.plan.clone() {
-            Plan::Breakpoint { address, .. } => {
-                armed.handle = Some(stopped.request(&api::WriteBreakPoint { address }).await?);
-            }
-            Plan::PoolHitTag { address, .. } => {
-                if armed.old_hit_tag.is_none() {
-                    let old = stopped.read_virtual(address, 4).await?;
-                    armed.old_hit_tag = <[u8; 4]>::try_from(old).ok().map(u32::from_le_bytes);
+        s: &mut Stopped<S>,
+    ) -> Result<Context, CaptureError> {
+        let arch = s.arch();
+        if self.context_ex != Some(false) {
+            let range = hit_registers(arch);
+            match s.request(&GetContextEx { range }).await {
+                Ok(part) if part.bytes.len() == range.byte_count as usize => {
+                    self.context_ex = Some(true);
+                    let mut ctx = Context::zeroed(arch);
+                    ctx.apply_partial(part.offset, &part.bytes);
+                    return Ok(ctx);
                 }
-                stopped
-                    .request(&api::WriteVirtualMemory {
-                        address,
-                        data: self.options.tag.to_le_bytes().to_vec(),
-                    })
-                    .await?;
+                Ok(_) | Err(KdError::Payload(_)) if self.context_ex.is_none() => {
+                    // Older kernels (and the boot debugger) refuse it: GetContext from now on.
+                    self.context_ex = Some(false);
+                }
+                Ok(_) => {
+                    return Err(CaptureError::Kd(KdError::ReplyLost {
+                        api: "GetContextEx",
+                    }))
+                }
+                Err(e) => return Err(e.into()),
             }
         }
+        Ok(s.request(&GetContext).await?)
+    }
+
+    /// Moves the program counter (SetContextEx where the target has it, else SetContext of the
+    /// whole CONTEXT, which GetContext just read).
+    async fn set_pc<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        s: &mut Stopped<S>,
+        ctx: &Context,
+    ) -> Result<(), CaptureError> {
+        if self.context_ex == Some(true) {
+            let range = match ctx {
+                Context::Amd64(_) => ContextRange::for_amd64(&[Amd64Reg::Rip]),
+                Context::X86(_) => ContextRange::for_x86(&[X86Reg::Eip]),
+            };
+            if let Some(range) = range {
+                s.request(&SetContextEx::from_context(ctx, range)).await?;
+                return Ok(());
+            }
+        }
+        s.request(&SetContext::new(ctx.clone())).await?;
         Ok(())
     }
 
-    /// Handles one stop and resumes.
-    async fn on_stop<S: AsyncRead + AsyncWrite + Unpin>(
-        &mut self,
-        mut s: Stopped<S>,
-        mut armed: Armed,
-    ) -> Result<(Running<S>, Armed), CaptureError> {
-        let state = s.state().clone();
-        match &state.info {
-            StateInfo::LoadSymbols(_) if state.is_unload_all() => {
-                (self.emit)(&CaptureEvent::Reboot { boot: self.boot });
-                // As WinDbg answers "unload all": the old continue.
-                let r = s.continue_old(status::DBG_CONTINUE).await?;
-                return self.await_boot(r).await;
-            }
-            StateInfo::Exception(e) if e.record.code == status::BREAKPOINT => {
-                let pc = state.program_counter;
-                match armed.plan.clone() {
-                    Plan::Breakpoint {
-                        address,
-                        symbol,
-                        args,
-                        ..
-                    } if pc == address => {
-                        self.hit(&mut s, &armed, &symbol, args).await?;
-                        // The kernel consumed the breakpoint: step over, re-plant, go.
-                        let r = s.resume(&Continue2::single_step()).await?;
-                        let mut s2 = match r.wait_stop(Duration::from_secs(30)).await? {
-                            WaitOutcome::Stopped(s2) => s2,
-                            WaitOutcome::StillRunning(r) => self.break_in(r).await?,
-                        };
-                        self.plant(&mut s2, &mut armed).await?;
-                        let r = self.resume(s2).await?;
-                        return Ok((r, armed));
-                    }
-                    Plan::PoolHitTag { .. } if self.is_kernel_break(&armed, pc) => {
-                        let mut ctx = self
-                            .hit(
-                                &mut s,
-                                &armed,
-                                "nt!PoolHitTag",
-                                ArgLayout {
-                                    tag: None,
-                                    size: None,
-                                    pool_type: None,
-                                },
-                            )
-                            .await?;
-                        // Step past the kernel's own int3, as WinDbg does (SetContext RIP+1),
-                        // with the registers the hit already read (SetContext needs a
-                        // GetContext in this stop, which that was).
-                        ctx.set_pc(pc + 1);
-                        s.request(&SetContext::new(ctx)).await?;
-                        let r = self.resume(s).await?;
-                        return Ok((r, armed));
-                    }
-                    _ => {}
-                }
-            }
-            _ => {}
-        }
-        // Any other stop: a boot, a foreign breakpoint, a step. A new boot needs re-arming.
-        if let Ok(v) = s.refresh_version().await.cloned() {
-            if armed
-                .modules
-                .by_name("nt")
-                .is_none_or(|nt| nt.base != v.kern_base)
-            {
-                armed = self.arm(&mut s).await?;
-            }
-        }
-        let r = self.resume(s).await?;
-        Ok((r, armed))
-    }
-
-    /// After "unload all": wait for the new boot's first stop and re-arm there.
-    async fn await_boot<S: AsyncRead + AsyncWrite + Unpin>(
-        &mut self,
-        r: Running<S>,
-    ) -> Result<(Running<S>, Armed), CaptureError> {
-        let mut s = match r.wait_stop(Duration::from_secs(600)).await? {
-            WaitOutcome::Stopped(s) => s,
-            // The new kernel did not report (KdDebuggerNotPresent): break in.
-            WaitOutcome::StillRunning(r) => r.break_in(Duration::from_secs(30)).await?,
-        };
-        s.refresh_version().await?;
-        let armed = self.arm(&mut s).await?;
-        Ok((self.resume(s).await?, armed))
-    }
-
-    fn is_kernel_break(&self, armed: &Armed, pc: u64) -> bool {
-        let loc = armed.modules.describe(pc, false);
-        loc.symbol
-            .as_deref()
-            .is_some_and(|s| s.contains("DbgBreakPoint") || s.contains("RtlpBreakWithStatus"))
-    }
-
-    /// Reads registers and stack and emits the record; returns the registers.
-    async fn hit<S: AsyncRead + AsyncWrite + Unpin>(
+    /// Reads registers and stack and emits the record (unless the tag filter says the hit is
+    /// not ours); returns the registers.
+    async fn record<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         s: &mut Stopped<S>,
-        armed: &Armed,
-        symbol: &str,
-        args: ArgLayout,
+        plan: &Plan,
     ) -> Result<Context, CaptureError> {
-        let ctx = s.request(&GetContext).await?;
+        let (symbol, args) = match plan {
+            Plan::Breakpoint { symbol, args, .. } => (symbol.clone(), *args),
+            Plan::PoolHitTag { .. } => (
+                "nt!PoolHitTag".to_string(),
+                ArgLayout {
+                    tag: None,
+                    size: None,
+                    pool_type: None,
+                },
+            ),
+        };
+        let ctx = self.registers(s).await?;
         let state = s.state().clone();
         let s_arch = s.arch();
         let regs = registers(&ctx);
@@ -460,14 +1032,16 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             let i = i?;
             match &ctx {
                 Context::Amd64(c) => {
-                    kdpilot_kd::context::Amd64Reg::gpr([1u8, 2, 8, 9].get(usize::from(i)).copied()?)
-                        .map(|r| c.get(r))
+                    Amd64Reg::gpr([1u8, 2, 8, 9].get(usize::from(i)).copied()?).map(|r| c.get(r))
                 }
                 Context::X86(_) => mem
                     .get(4 + 4 * usize::from(i)..8 + 4 * usize::from(i))
                     .and_then(|b| <[u8; 4]>::try_from(b).ok())
                     .map(|b| u64::from(u32::from_le_bytes(b))),
             }
+        };
+        let Some(boot) = self.state.as_ref() else {
+            return Ok(ctx);
         };
         let mut reader = CachedReader::new(TargetMemory(s));
         // x64 arguments are in registers: nothing to read. x86 (stdcall) arguments are above
@@ -477,22 +1051,25 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             Context::Amd64(_) => Vec::new(),
             Context::X86(_) => {
                 let len = WalkConfig::default().initial_stack_read;
-                reader.read(regs.sp(), len).await.unwrap_or_default()
+                match reader.read(regs.sp(), len).await {
+                    Ok(v) => v,
+                    Err(e) => return Err(walk_failed(e.to_string())),
+                }
             }
         };
         let tag = arg(args.tag, &top).map_or(self.options.tag, |t| t as u32);
         if args.tag.is_some() && tag != self.options.tag {
             return Ok(ctx); // another tag: not ours (breakpoint strategy filter)
         }
-        let trace = StackWalker::new(&armed.modules)
+        let trace = StackWalker::new(&boot.modules)
             .walk(&mut reader, regs)
             .await
-            .map_err(|e| CaptureError::Memory(e.to_string()))?;
+            .map_err(|e| walk_failed(e.to_string()))?;
         self.hits += 1;
         let frames = trace
             .frames
             .iter()
-            .map(|f| frame_record(&armed.modules, f))
+            .map(|f| frame_record(&boot.modules, f))
             .collect();
         let record = HitRecord {
             hit: self.hits,
@@ -505,7 +1082,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             processor: state.processor,
             thread: state.thread,
             arch: s_arch.into(),
-            breakpoint: symbol.to_string(),
+            breakpoint: symbol,
             strategy: self.options.strategy.to_string(),
             frames,
         };
@@ -517,39 +1094,97 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
     async fn detach<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         mut s: Stopped<S>,
-        armed: Armed,
-    ) -> Result<u64, CaptureError> {
+        reason: &str,
+    ) -> Result<(), CaptureError> {
         let mut clean = true;
-        if let Some(h) = armed.handle {
-            // Fails when the kernel already consumed it at a stop: then it is gone too.
-            let _ = s.request(&api::RestoreBreakPoint { handle: h }).await;
-        }
-        if let (Plan::PoolHitTag { address, .. }, Some(old)) = (&armed.plan, armed.old_hit_tag) {
-            if s.request(&api::WriteVirtualMemory {
-                address: *address,
-                data: old.to_le_bytes().to_vec(),
-            })
-            .await
-            .is_err()
-            {
-                clean = false;
-                (self.emit)(&CaptureEvent::Warning(format!(
-                    "could not restore nt!PoolHitTag to {old:#010x}"
-                )));
+        if let Some(b) = self.state.as_mut() {
+            if let Some(h) = b.handle.take() {
+                // Fails when the kernel already consumed it at a stop: then it is gone too.
+                let _ = s.request(&api::RestoreBreakPoint { handle: h }).await;
+            }
+            if let (Some(Plan::PoolHitTag { address, .. }), true) = (&b.plan, b.hit_tag_written) {
+                let old = b.old_hit_tag.unwrap_or(0);
+                match s
+                    .request(&api::WriteVirtualMemory {
+                        address: *address,
+                        data: old.to_le_bytes().to_vec(),
+                    })
+                    .await
+                {
+                    Ok(_) => b.hit_tag_written = false,
+                    Err(e) => {
+                        clean = false;
+                        let e = e.to_string();
+                        (self.emit)(&CaptureEvent::Warning(format!(
+                            "could not restore nt!PoolHitTag to {old:#010x}: {e}"
+                        )));
+                    }
+                }
             }
         }
-        let _ = self.resume(s).await?;
+        let dr7 = s.state().control_report(s.arch()).dr7();
+        let _ = s.resume(&Continue2::go().with_dr7(dr7)).await?;
+        self.in_flight = None;
+        let left_planted = if clean {
+            Vec::new()
+        } else {
+            self.left_planted()
+        };
         (self.emit)(&CaptureEvent::Detached {
             hits: self.hits,
+            reason: reason.to_string(),
             clean,
+            left_planted,
         });
-        Ok(self.hits)
+        Ok(())
+    }
+}
+
+/// A stack walk that failed through the link: the link is in trouble; reconnecting makes the
+/// kernel report the same stop again, and the hit is read again.
+fn walk_failed(detail: String) -> CaptureError {
+    CaptureError::Kd(KdError::LinkLost(format!("stack read failed: {detail}")))
+}
+
+/// Resolves when `f` turns true (polled four times a second).
+async fn until(f: impl Fn() -> bool) {
+    while !f() {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The registers a hit reads: x64 Rax..Rip (arguments in Rcx/Rdx/R8/R9, the unwinder's
+/// integer registers, RIP), x86 Edi..Esp (the unwinder's registers, EIP, ESP).
+pub fn hit_registers(arch: Arch) -> ContextRange {
+    let r = match arch {
+        Arch::Amd64 => ContextRange::for_amd64(&[Amd64Reg::Rax, Amd64Reg::Rip]),
+        Arch::X86 => ContextRange::for_x86(&[X86Reg::Edi, X86Reg::Esp]),
+    };
+    r.unwrap_or(ContextRange::full(arch))
+}
+
+/// Where the kernel breaks for PoolHitTag: the int3 of nt!DbgBreakPoint (break-ins and
+/// bugchecks break in RtlpBreakWithStatusInstruction / DbgBreakPointWithStatus instead).
+fn is_hit_tag_break(modules: &ModuleSet, pc: u64) -> bool {
+    let loc = modules.describe(pc, false);
+    loc.module.as_deref() == Some("nt") && loc.symbol.as_deref() == Some("DbgBreakPoint")
+}
+
+fn add_stats(a: &LinkStats, b: &LinkStats) -> LinkStats {
+    LinkStats {
+        bytes_tx: a.bytes_tx + b.bytes_tx,
+        bytes_rx: a.bytes_rx + b.bytes_rx,
+        packets_tx: a.packets_tx + b.packets_tx,
+        packets_rx: a.packets_rx + b.packets_rx,
+        retransmits: a.retransmits + b.retransmits,
+        frame_errors: a.frame_errors + b.frame_errors,
+        duplicates: a.duplicates + b.duplicates,
+        resets_rx: a.resets_rx + b.resets_rx,
     }
 }
 
 /// The unwinder's registers from a CONTEXT.
 pub fn registers(ctx: &Context) -> Registers {
-    use kdpilot_kd::context::{Amd64Reg, X86Reg};
     match ctx {
         Context::Amd64(c) => {
             let mut gpr = [0u64; 16];

@@ -164,6 +164,15 @@ pub enum StrategyError {
     },
 }
 
+/// The module part of `module!symbol`, when that module is not loaded (a driver that loads
+/// later: the breakpoint waits for it, as WinDbg's `bu` does).
+pub fn unloaded_module(modules: &ModuleSet, symbol: &str) -> Option<String> {
+    match modules.resolve(symbol) {
+        Err(kdpilot_symbols::NameError::UnknownModule(m)) => Some(m),
+        _ => None,
+    }
+}
+
 fn resolve(modules: &ModuleSet, symbol: &str) -> Result<u64, String> {
     modules.resolve(symbol).map_err(|e| e.to_string())
 }

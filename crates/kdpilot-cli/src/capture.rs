@@ -2,23 +2,26 @@
 //! write every hit's stack to a text log and a JSON-lines log, follow reboots, and on
 //! `--max-hits`, `--duration` or Ctrl-C remove everything and leave the target running.
 //!
-//! Status: one link (a lost link ends the capture; reopening comes next); progress is printed
-//! as plain lines (the live status display comes next).
+//! A lost link (a vanished pipe or socket, a port that went away, a target that stopped
+//! answering) is reopened for as long as it takes. A failed log write (a full disk) stops the
+//! capture cleanly, and the records that could not be written are printed to stderr.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use anyhow::Context as _;
 use clap::Args;
-use kdpilot_capture::engine::{Capture, CaptureEvent, CaptureOptions};
-use kdpilot_capture::log::{resolve_log_paths, LogOptions, LogSink};
+use kdpilot_capture::engine::{Capture, CaptureEvent, CaptureOptions, ConnectError, Connector};
+use kdpilot_capture::log::{format_hit_text, resolve_log_paths, LogOptions, LogSink};
 use kdpilot_capture::record::{EventRecord, HitRecord};
 use kdpilot_capture::strategy::StrategyChoice;
+use kdpilot_kd::client::{ClientConfig, Connection, Stopped};
+use kdpilot_transport::{open, open_waiting, Endpoint, Link, WaitOptions};
 
 use crate::error::{CliError, ResultExt as _};
-use crate::session::{self, TargetArgs};
+use crate::session::{timing_for, TargetArgs};
+use crate::status::StatusView;
 
 /// Arguments of `kdpilot capture`.
 #[derive(Debug, Args)]
@@ -69,40 +72,155 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(secs))
 }
 
-/// Runs `kdpilot capture`.
-pub async fn run(args: CaptureArgs) -> anyhow::Result<()> {
+/// Opens the endpoint and synchronises; after a link loss, waits for the endpoint to come
+/// back (a VM that recreates its pipe or socket, a USB serial adapter plugged in again).
+struct CliConnector {
+    endpoint: Endpoint,
+    timeout: Duration,
+    config: ClientConfig,
+}
+
+impl Connector for CliConnector {
+    type Link = Link;
+
+    async fn connect(&mut self, reconnect: bool) -> Result<Stopped<Link>, ConnectError> {
+        let what = self.endpoint.description();
+        let link = if reconnect {
+            // Reopen for as long as it takes: the engine gives up when the capture ends.
+            let mut delay = Duration::from_millis(100);
+            loop {
+                match open(&self.endpoint).await {
+                    Ok(link) => break link,
+                    Err(e) => tracing::debug!("reopening {what}: {e}"),
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        } else {
+            let wait = WaitOptions {
+                give_up_after: Some(self.timeout),
+                ..WaitOptions::default()
+            };
+            open_waiting(&self.endpoint, &wait, |ev| tracing::info!("{ev}"))
+                .await
+                .map_err(|e| ConnectError {
+                    message: format!("could not open {what}: {e}"),
+                    retry: false,
+                })?
+        };
+        Connection::new(link, self.config.clone())
+            .connect(self.timeout)
+            .await
+            .map_err(|e| ConnectError {
+                message: format!(
+                    "no KD target answered on {what} within {} s ({e}). Check that the target booted with \
+                     kernel debugging on the same port and rate (bcdedit /debug on; bcdedit /dbgsettings serial \
+                     debugport:1 baudrate:115200), the cable or the VM's pipe, and that no other debugger holds the port",
+                    self.timeout.as_secs()
+                ),
+                retry: true,
+            })
+    }
+
+    fn describe(&self) -> String {
+        self.endpoint.description()
+    }
+}
+
+/// Why the CLI asked the capture to stop (Ctrl-C, SIGTERM, a log that cannot be written).
+type StopReason = Arc<Mutex<Option<String>>>;
+
+fn request_stop(stop: &AtomicBool, reason: &StopReason, why: &str) {
+    if let Ok(mut r) = reason.lock() {
+        r.get_or_insert_with(|| why.to_string());
+    }
+    stop.store(true, Ordering::Relaxed);
+}
+
+/// Ctrl-C and SIGTERM stop the capture cleanly; a second one quits at once. SIGXFSZ (a file
+/// size limit) is caught so that the write fails and is reported like a full disk.
+fn watch_signals(stop: Arc<AtomicBool>, reason: StopReason) {
+    tokio::spawn(async move {
+        let mut count = 0;
+        loop {
+            let why = next_signal().await;
+            count += 1;
+            if count == 1 {
+                eprintln!("kdpilot: {why}: removing the breakpoints and resuming the target (Ctrl-C again to quit at once)");
+                request_stop(&stop, &reason, why);
+            } else {
+                eprintln!("kdpilot: quit at once: the target may be left stopped or with a breakpoint planted; \
+                           connect kd or WinDbg, then `bc *` and `g`");
+                std::process::exit(130);
+            }
+        }
+    });
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        // Keep the handler for the life of the process: with it, exceeding `ulimit -f` makes
+        // the write fail with EFBIG instead of killing kdpilot with the target stopped.
+        if let Ok(mut xfsz) = signal(SignalKind::from_raw(25)) {
+            tokio::spawn(async move { while xfsz.recv().await.is_some() {} });
+        }
+    }
+}
+
+#[cfg(unix)]
+async fn next_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return "interrupted";
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "interrupted",
+        _ = term.recv() => "terminated",
+    }
+}
+
+#[cfg(not(unix))]
+async fn next_signal() -> &'static str {
+    let _ = tokio::signal::ctrl_c().await;
+    "interrupted"
+}
+
+/// Runs `kdpilot capture`. `plain`: plain lines instead of the live status line.
+pub async fn run(args: CaptureArgs, plain: bool) -> anyhow::Result<()> {
     let tag = crate::pooltag::parse_tag_value(&args.tag)
         .map_err(|e| CliError::usage(anyhow::anyhow!("--tag: {e}")))?;
     let strategy: StrategyChoice = args.strategy.parse().map_err(CliError::usage)?;
+    let endpoint = args.target.endpoint()?;
     let (log_path, json_path) = resolve_log_paths(args.log.clone(), args.json.clone());
     let mut sink =
         LogSink::open(&log_path, &json_path, &LogOptions::default()).map_err(CliError::usage)?;
-    eprintln!(
-        "kdpilot: logging to {} and {}",
+    let mut view = StatusView::new(plain);
+    view.println(&format!(
+        "logging to {} and {}",
         log_path.display(),
         json_path.display()
-    );
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("kdpilot: stopping: removing breakpoints and resuming the target (Ctrl-C again to quit at once)");
-                stop.store(true, Ordering::Relaxed);
-                if tokio::signal::ctrl_c().await.is_ok() {
-                    eprintln!("kdpilot: quit at once: the target may be left with a breakpoint planted or stopped");
-                    std::process::exit(130);
-                }
-            }
-        });
+    ));
+    if let Some(cut) = sink.json().dropped_partial_line() {
+        view.println(&format!(
+            "{}: a previous capture was killed while writing; its last {cut} bytes (a partial line) were removed",
+            json_path.display()
+        ));
     }
-    let stopped = session::connect(&args.target).await?;
-    let now = SystemTime::now;
-    let _ = sink.write_event(&EventRecord::Connected {
-        time: now(),
-        target: args.target.target.clone(),
-        version: env!("CARGO_PKG_VERSION").to_string(),
-    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_reason: StopReason = Arc::new(Mutex::new(None));
+    watch_signals(stop.clone(), stop_reason.clone());
+    let mut connector = CliConnector {
+        timeout: args.target.timeout(),
+        config: ClientConfig {
+            timing: timing_for(&endpoint),
+            resets: endpoint.resets().unwrap_or(5),
+            ..ClientConfig::default()
+        },
+        endpoint,
+    };
     let options = CaptureOptions {
         tag,
         strategy,
@@ -111,83 +229,154 @@ pub async fn run(args: CaptureArgs) -> anyhow::Result<()> {
         max_hits: args.max_hits,
         duration: args.duration,
     };
+    let now = SystemTime::now;
     let mut write_error: Option<anyhow::Error> = None;
     let mut arch = kdpilot_capture::record::Arch::X64;
+    let mut detached: Option<(bool, Vec<String>)> = None;
     let mut capture = Capture::new(options, |ev| {
-        let (record, line): (Option<EventRecord>, String) = match ev {
-            CaptureEvent::Connected { build, arch: a, kern_base, processors } => {
+        let record: Option<EventRecord> = match ev {
+            CaptureEvent::Connected { arch: a, .. } => {
                 arch = (*a).into();
-                (None, format!("connected: Windows build {build} {a}, {processors} CPUs, kernel at {kern_base:#x}"))
+                Some(EventRecord::Connected {
+                    time: now(),
+                    target: args.target.target.clone(),
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                })
             }
-            CaptureEvent::Boot { boot, kern_base, build } => (
-                Some(EventRecord::Boot {
-                    time: now(),
-                    boot: *boot,
-                    build: u32::from(*build),
-                    arch,
-                    kernel_base: *kern_base,
-                    kaslr: true,
-                }),
-                format!("boot {boot}: kernel at {kern_base:#x}"),
-            ),
-            CaptureEvent::Armed { boot, target, address, why } => (
-                Some(EventRecord::Armed {
-                    time: now(),
-                    boot: *boot,
-                    breakpoint: target.clone(),
-                    address: *address,
-                    strategy: args.strategy.clone(),
-                    reason: why.clone(),
-                }),
-                format!("armed {target}: {why}"),
-            ),
-            CaptureEvent::Reboot { boot } => (
-                Some(EventRecord::Reboot { time: now(), boot: *boot, reason: "unload all symbols".into() }),
-                format!("the target is rebooting (end of boot {boot})"),
-            ),
-            CaptureEvent::Warning(w) => (
-                Some(EventRecord::Warning { time: now(), boot: None, message: w.clone() }),
-                format!("warning: {w}"),
-            ),
-            CaptureEvent::Detached { hits, clean } => (
+            CaptureEvent::Boot {
+                boot,
+                kern_base,
+                build,
+            } => Some(EventRecord::Boot {
+                time: now(),
+                boot: *boot,
+                build: u32::from(*build),
+                arch,
+                kernel_base: *kern_base,
+                kaslr: true,
+            }),
+            CaptureEvent::Armed {
+                boot,
+                target,
+                address,
+                why,
+            } => Some(EventRecord::Armed {
+                time: now(),
+                boot: *boot,
+                breakpoint: target.clone(),
+                address: *address,
+                strategy: args.strategy.clone(),
+                reason: why.clone(),
+            }),
+            CaptureEvent::Deferred {
+                boot,
+                target,
+                module,
+            } => Some(EventRecord::Warning {
+                time: now(),
+                boot: Some(*boot),
+                message: format!("{module} is not loaded: {target} will be planted when it loads"),
+            }),
+            CaptureEvent::Reboot { boot, reason } => Some(EventRecord::Reboot {
+                time: now(),
+                boot: *boot,
+                reason: reason.clone(),
+            }),
+            CaptureEvent::LinkLost { boot, reason } => Some(EventRecord::LinkLost {
+                time: now(),
+                boot: (*boot > 0).then_some(*boot),
+                reason: reason.clone(),
+            }),
+            CaptureEvent::Warning(w) => Some(EventRecord::Warning {
+                time: now(),
+                boot: None,
+                message: w.clone(),
+            }),
+            CaptureEvent::Detached {
+                hits,
+                reason,
+                clean,
+                left_planted,
+            } => {
+                detached = Some((*clean, left_planted.clone()));
+                let reason = match stop_reason.lock().ok().and_then(|r| r.clone()) {
+                    Some(r) if reason == "stop requested" => r,
+                    _ => reason.clone(),
+                };
                 Some(EventRecord::Detached {
                     time: now(),
-                    reason: "capture ended".into(),
+                    reason,
                     hits: *hits,
                     clean: *clean,
-                    left_planted: Vec::new(),
-                }),
-                format!("detached after {hits} hits; target running{}", if *clean { "" } else { " (cleanup incomplete)" }),
-            ),
+                    left_planted: left_planted.clone(),
+                })
+            }
             CaptureEvent::Hit(h) => {
                 let h: &HitRecord = h;
                 if let Err(e) = sink.write_hit(h) {
-                    write_error.get_or_insert(e.into());
+                    // Nothing captured is lost: the record goes to stderr, and the capture
+                    // stops cleanly.
+                    view.println(&format!(
+                        "could not write hit {} to the logs ({e}); here it is:\n{}",
+                        h.hit,
+                        format_hit_text(h)
+                    ));
+                    if write_error.is_none() {
+                        request_stop(&stop, &stop_reason, &format!("log write failed: {e}"));
+                        write_error = Some(e.into());
+                    }
                 }
-                let top = h.frames.iter().find(|f| f.module.as_deref() != Some("nt")).map(|f| f.call_site()).unwrap_or_default();
-                (None, format!("hit {} (boot {}): {} bytes, {}", h.hit, h.boot, h.size, top))
+                None
             }
+            CaptureEvent::Waiting { .. } | CaptureEvent::Status(_) => None,
         };
         if let Some(r) = record {
             if let Err(e) = sink.write_event(&r) {
-                write_error.get_or_insert(e.into());
+                if write_error.is_none() {
+                    view.println(&format!("could not write to the logs: {e}"));
+                    request_stop(&stop, &stop_reason, &format!("log write failed: {e}"));
+                    write_error = Some(e.into());
+                }
             }
         }
-        eprintln!("kdpilot: {line}");
+        view.event(ev);
     })
     .map_err(CliError::usage)?;
-    let hits = capture
-        .run(stopped, &stop)
-        .await
-        .context("capture")
-        .target_err()?;
+    let result = capture.run_with(&mut connector, &stop).await;
+    let hits = capture.hits();
     drop(capture);
+    view.finish();
+    let hits_result = result.map_err(|e| match e {
+        kdpilot_capture::engine::CaptureError::Connect(m) => {
+            CliError::target(anyhow::anyhow!(m)).into()
+        }
+        e => anyhow::Error::from(e),
+    });
+    let _ = hits_result.target_err()?;
+    if let Some((false, left)) = &detached {
+        eprintln!("kdpilot: WARNING: the target could not be cleaned up. It may still have:");
+        for l in left {
+            eprintln!("kdpilot:   - {l}");
+        }
+        eprintln!("kdpilot: connect kd or WinDbg to it and run `bc *`, `ed nt!PoolHitTag 0`, `g`");
+    }
     if let Some(e) = write_error {
-        return Err(e).context("writing the logs (the target was detached)");
+        return Err(e.context(format!(
+            "writing the logs {} and {} (the capture stopped; the target was detached and left running)",
+            log_path.display(),
+            json_path.display()
+        )));
     }
     crate::output::print(&format!(
         "{hits} hits captured; logs: {} and {}\n",
         log_path.display(),
         json_path.display()
-    ))
+    ))?;
+    if let Some((false, _)) = detached {
+        return Err(CliError::target(anyhow::anyhow!(
+            "the capture ended without reaching the target to clean it up (see above)"
+        ))
+        .into());
+    }
+    Ok(())
 }

@@ -101,7 +101,7 @@ async fn capture_demo(baud: u32) -> anyhow::Result<()> {
         max_hits: Some(8),
         duration: Some(Duration::from_secs(300)),
     };
-    let result = crate::capture::run(args).await;
+    let result = crate::capture::run(args, false).await;
     target.abort();
     result
 }

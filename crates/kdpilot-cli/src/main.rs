@@ -35,6 +35,7 @@ mod probe;
 mod session;
 mod sim;
 mod stack;
+mod status;
 
 use std::future::Future;
 use std::process::ExitCode;
@@ -111,11 +112,11 @@ enum Command {
 
 impl Command {
     /// Runs the subcommand; async ones get a tokio runtime.
-    fn run(self) -> anyhow::Result<()> {
+    fn run(self, quiet: bool) -> anyhow::Result<()> {
         match self {
             Command::Pooltag(args) => pooltag::run(args),
             Command::Probe(args) => block_on(probe::run(args)),
-            Command::Capture(args) => block_on(capture::run(args)),
+            Command::Capture(args) => block_on(capture::run(args, quiet)),
             Command::Lm(args) => block_on(lm::run(args)),
             Command::Stack(args) => block_on(stack::run(args)),
             Command::Sim(args) => block_on(sim::run(args)),
@@ -151,7 +152,7 @@ fn main() -> ExitCode {
         }
     };
     logging::init(cli.global.verbose, cli.global.quiet);
-    match cli.command.run() {
+    match cli.command.run(cli.global.quiet) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => error::report(&err),
     }

@@ -1,0 +1,357 @@
+//! The live status of `kdpilot capture`: one indicatif line at the bottom of a terminal (link
+//! state, target, boot, hits, unique stacks, hits per minute, line bytes per second, last
+//! event) with the events printed above it; with `--quiet` or when stderr is not a terminal,
+//! plain lines, and a summary line once a minute.
+
+use std::collections::{HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use kdpilot_capture::engine::{CaptureEvent, LinkState};
+use kdpilot_capture::record::HitRecord;
+
+/// What the status line shows.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// `waiting`, `up`.
+    pub link: &'static str,
+    /// `Windows build 19041 x64, 2 CPUs`.
+    pub target: String,
+    /// The boot in progress.
+    pub boot: u64,
+    /// Hits recorded.
+    pub hits: u64,
+    /// Distinct stacks (by module!function+offset).
+    pub unique_stacks: usize,
+    /// Hits in the last minute (or since the start, scaled, in the first minute).
+    pub hits_per_minute: f64,
+    /// Bytes per second on the line, both directions, over the last few seconds.
+    pub bytes_per_second: f64,
+    /// The last event, short.
+    pub last_event: String,
+}
+
+/// One status line: `up | build 19041 x64, 2 CPUs | boot 2 | 57 hits, 3 stacks | 12.0/min |
+/// 1.2 KB/s | hit 57: leakydrv!Foo+0x1c`.
+pub fn render(s: &Snapshot) -> String {
+    let target = if s.target.is_empty() {
+        "target not identified"
+    } else {
+        &s.target
+    };
+    format!(
+        "{} | {target} | boot {} | {} hits, {} stacks | {:.1} hits/min | {} | {}",
+        s.link,
+        s.boot,
+        s.hits,
+        s.unique_stacks,
+        s.hits_per_minute,
+        rate(s.bytes_per_second),
+        s.last_event
+    )
+}
+
+fn rate(bps: f64) -> String {
+    if bps >= 1024.0 {
+        format!("{:.1} KB/s", bps / 1024.0)
+    } else {
+        format!("{bps:.0} B/s")
+    }
+}
+
+/// The stack's identity for counting: its frames' call sites.
+pub fn stack_key(h: &HitRecord) -> String {
+    h.frames
+        .iter()
+        .map(|f| f.call_site())
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+/// Keeps the snapshot up to date from the capture's events and draws it.
+pub struct StatusView {
+    bar: Option<ProgressBar>,
+    snap: Snapshot,
+    stacks: HashSet<u64>,
+    recent_hits: VecDeque<Instant>,
+    bytes: VecDeque<(Instant, u64)>,
+    started: Instant,
+    last_summary: Instant,
+}
+
+impl StatusView {
+    /// A live line on stderr when it is a terminal and `plain` is false; plain lines
+    /// otherwise.
+    pub fn new(plain: bool) -> Self {
+        let bar = (!plain && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} {wide_msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        Self {
+            bar,
+            snap: Snapshot {
+                link: "waiting",
+                ..Snapshot::default()
+            },
+            stacks: HashSet::new(),
+            recent_hits: VecDeque::new(),
+            bytes: VecDeque::new(),
+            started: Instant::now(),
+            last_summary: Instant::now(),
+        }
+    }
+
+    /// The current snapshot.
+    #[cfg(test)]
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snap
+    }
+
+    /// Prints a line above the status line (or as a plain line).
+    pub fn println(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(format!("kdpilot: {line}")),
+            None => eprintln!("kdpilot: {line}"),
+        }
+    }
+
+    /// Takes an event into the snapshot; returns the line to print for it, if any.
+    pub fn event(&mut self, ev: &CaptureEvent) {
+        let now = Instant::now();
+        let line = match ev {
+            CaptureEvent::Waiting { what } => {
+                self.snap.link = "waiting";
+                self.snap.last_event = what.clone();
+                Some(format!("{what}"))
+            }
+            CaptureEvent::Connected {
+                build,
+                arch,
+                kern_base,
+                processors,
+            } => {
+                self.snap.link = "up";
+                self.snap.target = format!("build {build} {arch}, {processors} CPUs");
+                self.snap.last_event = "connected".into();
+                Some(format!(
+                    "connected: Windows build {build} {arch}, {processors} CPUs, kernel at {kern_base:#x}"
+                ))
+            }
+            CaptureEvent::Boot {
+                boot, kern_base, ..
+            } => {
+                self.snap.boot = *boot;
+                self.snap.last_event = format!("boot {boot}");
+                Some(format!("boot {boot}: kernel at {kern_base:#x}"))
+            }
+            CaptureEvent::Armed { target, why, .. } => {
+                self.snap.last_event = format!("armed {target}");
+                Some(format!("armed {target}: {why}"))
+            }
+            CaptureEvent::Deferred { target, module, .. } => {
+                self.snap.last_event = format!("waiting for {module} to load");
+                Some(format!(
+                    "{module} is not loaded: {target} will be planted when it loads (like bu)"
+                ))
+            }
+            CaptureEvent::Hit(h) => {
+                self.snap.hits = h.hit.max(self.snap.hits);
+                self.stacks.insert(hash(&stack_key(h)));
+                self.snap.unique_stacks = self.stacks.len();
+                self.recent_hits.push_back(now);
+                let top = h
+                    .frames
+                    .iter()
+                    .find(|f| f.module.as_deref() != Some("nt"))
+                    .map(|f| f.call_site())
+                    .unwrap_or_default();
+                self.snap.last_event = format!("hit {}: {top}", h.hit);
+                Some(format!(
+                    "hit {} (boot {}): {} bytes, {}",
+                    h.hit, h.boot, h.size, top
+                ))
+            }
+            CaptureEvent::Reboot { boot, reason } => {
+                self.snap.last_event = format!("reboot after boot {boot}");
+                Some(format!(
+                    "the target is rebooting (end of boot {boot}: {reason})"
+                ))
+            }
+            CaptureEvent::LinkLost { reason, .. } => {
+                self.snap.link = "lost";
+                self.snap.last_event = "link lost".into();
+                Some(format!("link lost: {reason}; reconnecting"))
+            }
+            CaptureEvent::Status(s) => {
+                self.snap.link = match s.link {
+                    LinkState::Waiting => "waiting",
+                    LinkState::Up => "up",
+                };
+                self.snap.hits = s.hits;
+                self.snap.boot = s.boot;
+                self.bytes
+                    .push_back((now, s.stats.bytes_tx + s.stats.bytes_rx));
+                None
+            }
+            CaptureEvent::Warning(w) => {
+                self.snap.last_event = "warning".into();
+                Some(format!("warning: {w}"))
+            }
+            CaptureEvent::Detached {
+                hits,
+                clean,
+                left_planted,
+                reason,
+            } => {
+                self.snap.last_event = "detached".into();
+                Some(if *clean {
+                    format!("detached after {hits} hits ({reason}); the target is running")
+                } else {
+                    format!(
+                        "detached after {hits} hits ({reason}) WITHOUT cleaning up: {}",
+                        left_planted.join("; ")
+                    )
+                })
+            }
+        };
+        self.update_rates(now);
+        if let Some(line) = line {
+            self.println(&line);
+        }
+        self.draw(now);
+    }
+
+    fn update_rates(&mut self, now: Instant) {
+        let minute = Duration::from_secs(60);
+        while self
+            .recent_hits
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > minute)
+        {
+            self.recent_hits.pop_front();
+        }
+        let elapsed = now.duration_since(self.started).min(minute).as_secs_f64();
+        self.snap.hits_per_minute = if elapsed >= 1.0 {
+            self.recent_hits.len() as f64 * 60.0 / elapsed
+        } else {
+            0.0
+        };
+        while self.bytes.len() > 2
+            && self
+                .bytes
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(5))
+        {
+            self.bytes.pop_front();
+        }
+        self.snap.bytes_per_second = match (self.bytes.front(), self.bytes.back()) {
+            (Some((t0, b0)), Some((t1, b1))) if t1 > t0 => {
+                b1.saturating_sub(*b0) as f64 / t1.duration_since(*t0).as_secs_f64()
+            }
+            _ => 0.0,
+        };
+    }
+
+    fn draw(&mut self, now: Instant) {
+        match &self.bar {
+            Some(bar) => bar.set_message(render(&self.snap)),
+            None => {
+                if now.duration_since(self.last_summary) >= Duration::from_secs(60) {
+                    self.last_summary = now;
+                    eprintln!("kdpilot: status: {}", render(&self.snap));
+                }
+            }
+        }
+    }
+
+    /// Removes the live line.
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn hash(s: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    s.hash(&mut h);
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_field() {
+        let s = Snapshot {
+            link: "up",
+            target: "build 19041 x64, 2 CPUs".into(),
+            boot: 2,
+            hits: 57,
+            unique_stacks: 3,
+            hits_per_minute: 12.04,
+            bytes_per_second: 1300.0,
+            last_event: "hit 57: leakydrv!Foo+0x1c".into(),
+        };
+        assert_eq!(
+            render(&s),
+            "up | build 19041 x64, 2 CPUs | boot 2 | 57 hits, 3 stacks | 12.0 hits/min | 1.3 KB/s | hit 57: leakydrv!Foo+0x1c"
+        );
+        assert_eq!(rate(512.4), "512 B/s");
+    }
+
+    #[test]
+    fn counts_hits_stacks_and_bytes() {
+        use kdpilot_capture::engine::Status;
+        use kdpilot_kd::client::LinkStats;
+        let mut v = StatusView::new(true);
+        v.started -= Duration::from_secs(120);
+        let hit = |n: u64, f: &str| {
+            let mut h: HitRecord = serde_json::from_str(&format!(
+                r#"{{"hit":{n},"boot":1,"time":"2026-11-22T04:00:00.000Z","tag":"Leak","size":16,"pool_type":0,"processor":0,"thread":"0x1","breakpoint":"nt!X","frames":[]}}"#
+            ))
+            .unwrap();
+            h.frames.push(kdpilot_capture::record::FrameRecord {
+                address: 0x1000,
+                module: Some("leakydrv".into()),
+                function: Some(f.into()),
+                offset: 4,
+                child_sp: 0,
+                return_address: 0,
+                frame_pointer: None,
+                args: Vec::new(),
+                trust: String::new(),
+            });
+            CaptureEvent::Hit(Box::new(h))
+        };
+        v.event(&hit(1, "A"));
+        v.event(&hit(2, "B"));
+        v.event(&hit(3, "A"));
+        assert_eq!(v.snapshot().hits, 3);
+        assert_eq!(v.snapshot().unique_stacks, 2);
+        assert!((v.snapshot().hits_per_minute - 3.0).abs() < 1e-9);
+        let status = |bytes: u64| {
+            CaptureEvent::Status(Status {
+                link: LinkState::Up,
+                stats: LinkStats {
+                    bytes_tx: bytes,
+                    ..LinkStats::default()
+                },
+                hits: 3,
+                boot: 1,
+            })
+        };
+        v.event(&status(0));
+        v.bytes.front_mut().unwrap().0 -= Duration::from_secs(2);
+        v.event(&status(4000));
+        let bps = v.snapshot().bytes_per_second;
+        assert!((1900.0..2100.0).contains(&bps), "{bps}");
+    }
+}
