@@ -227,3 +227,200 @@ async fn capture_follows_reboots_and_rearms() {
     })
     .await;
 }
+
+/// The host's end of a line that dies (a pipe that vanishes) after `budget` bytes, or when the
+/// host sends its `steps`-th single-step Continue2 (the moment a recorded hit's stop is about
+/// to be resumed: the kernel reports that stop again after the reconnect).
+struct Cuttable<S> {
+    inner: S,
+    budget: u64,
+    steps: Option<u32>,
+}
+
+/// A single-step Continue2 in a written buffer: ApiNumber 0x313C, then at body offset 0
+/// ContinueStatus DBG_CONTINUE (0x00010002) and TraceFlag 1 (the body starts 16 bytes in).
+fn is_single_step(buf: &[u8]) -> bool {
+    buf.windows(24).any(|w| {
+        w[..4] == [0x3C, 0x31, 0, 0] && w[16..20] == [2, 0, 1, 0] && w[20..24] == [1, 0, 0, 0]
+    })
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Cuttable<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.budget == 0 {
+            return std::task::Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+        }
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        self.budget = self.budget.saturating_sub(n);
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Cuttable<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if is_single_step(buf) {
+            if let Some(n) = self.steps.as_mut() {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.budget = 0;
+                }
+            }
+        }
+        if self.budget == 0 {
+            return std::task::Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+        }
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            self.budget = self.budget.saturating_sub(*n as u64);
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Hands the simulator a new line for every (re)connection; each line dies as `cuts` says.
+struct CuttingConnector {
+    lines: tokio::sync::mpsc::UnboundedSender<tokio::io::DuplexStream>,
+    cuts: std::collections::VecDeque<(u64, Option<u32>)>,
+}
+
+impl kdpilot_capture::engine::Connector for CuttingConnector {
+    type Link = Cuttable<tokio::io::DuplexStream>;
+
+    async fn connect(
+        &mut self,
+        _reconnect: bool,
+    ) -> Result<
+        kdpilot_kd::client::Stopped<Self::Link>,
+        kdpilot_capture::engine::ConnectError,
+    > {
+        let (host, target) = tokio::io::duplex(64 * 1024);
+        let _ = self.lines.send(target);
+        let (budget, steps) = self.cuts.pop_front().unwrap_or((u64::MAX, None));
+        let io = Cuttable {
+            inner: host,
+            budget,
+            steps,
+        };
+        kdpilot_kd::client::Connection::new(io, config(&LineModel::clean(), EventSink::none()))
+            .connect(Duration::from_secs(30))
+            .await
+            .map_err(|e| kdpilot_capture::engine::ConnectError {
+                message: e.to_string(),
+                retry: true,
+            })
+    }
+
+    fn describe(&self) -> String {
+        "a line that keeps dying".into()
+    }
+}
+
+#[tokio::test]
+async fn lost_links_lose_and_repeat_no_hit() {
+    bounded(async {
+        let d = dir(Arch::Amd64, "modern");
+        let mut mconfig = MachineConfig::from_dir(Arch::Amd64, 19041, 2, 77, &d).unwrap();
+        mconfig.special_pool_tag = LEAK;
+        let mut machine = Machine::boot(mconfig).unwrap();
+        let mut activity = AllocationActivity::from_fixture_dir(
+            &d,
+            AllocationActivity::leakydrv_specs(LEAK),
+            9,
+            200.0,
+        )
+        .unwrap();
+        activity.reboot_every_hits = Some(6);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<tokio::io::DuplexStream>();
+        let sim = tokio::spawn(async move {
+            while let Some(line) = rx.recv().await {
+                let _ = serve_with(line, &mut machine, &TargetOptions::default(), &mut activity)
+                    .await;
+            }
+            (machine, activity)
+        });
+        // Cuts at the moment a recorded hit is being resumed, and after byte counts that land
+        // anywhere (in a hit's reads, the step, the re-plant, a boot's arming).
+        let mut cuts = std::collections::VecDeque::new();
+        cuts.push_back((u64::MAX, Some(2)));
+        for i in 0..10u64 {
+            cuts.push_back((300 + i * 413 % 2900, None));
+            cuts.push_back((u64::MAX, Some(1)));
+        }
+        let n_cuts = cuts.len();
+        let mut connector = CuttingConnector { lines: tx, cuts };
+        let mut events = Vec::new();
+        let options = CaptureOptions {
+            tag: LEAK,
+            strategy: StrategyChoice::Auto,
+            symbols: d.display().to_string(),
+            offline: true,
+            max_hits: Some(24),
+            duration: Some(Duration::from_secs(100)),
+        };
+        let mut capture = Capture::new(options, |e| events.push(e.clone())).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let hits = capture
+            .run_with(&mut connector, &stop)
+            .await
+            .expect("capture");
+        drop(capture);
+        drop(connector);
+        let (machine, activity) = sim.await.unwrap();
+        assert_eq!(hits, 24);
+        check_clean(&machine);
+        let lost = events
+            .iter()
+            .filter(|e| matches!(e, CaptureEvent::LinkLost { .. }))
+            .count();
+        // The capture may end before the last few cuts come due.
+        assert!(
+            lost + 4 >= n_cuts,
+            "{lost} of {n_cuts} cuts were lost links, and were reopened"
+        );
+        let repeated = events
+            .iter()
+            .filter(|e| matches!(e, CaptureEvent::Warning(w) if w.contains("reported again")))
+            .count();
+        eprintln!("{lost} links lost, {repeated} re-reported stops recognised");
+        assert!(repeated >= 5, "re-reported stops recognised: {repeated}");
+        let records: Vec<HitRecord> = events
+            .iter()
+            .filter_map(|e| match e {
+                CaptureEvent::Hit(h) => Some((**h).clone()),
+                _ => None,
+            })
+            .collect();
+        let numbers: Vec<u64> = records.iter().map(|r| r.hit).collect();
+        assert_eq!(numbers, (1..=24).collect::<Vec<_>>());
+        let truth = truth_stops(&activity, "nt!ExAllocateHeapSpecialPool", None);
+        let got: Vec<Vec<String>> = records.iter().map(printed).collect();
+        assert_eq!(got, truth[..got.len()], "no hit lost, repeated or wrong");
+        let boots: std::collections::BTreeSet<u64> = records.iter().map(|r| r.boot).collect();
+        assert!(boots.len() >= 3, "through reboots: {boots:?}");
+    })
+    .await;
+}

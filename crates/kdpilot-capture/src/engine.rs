@@ -652,6 +652,12 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             pc: state.program_counter,
         };
         let seen = fresh && self.in_flight == Some(key);
+        if seen {
+            (self.emit)(&CaptureEvent::Warning(format!(
+                "hit {} was reported again after the reconnect: already recorded, not written twice",
+                self.hits
+            )));
+        }
         match plan {
             Plan::Breakpoint { .. } => {
                 if !seen {
@@ -763,7 +769,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                     }
                     set
                 }
-                Err(e) => return Err(CaptureError::Memory(e.to_string())),
+                Err(e) => return Err(read_failed("the module list", &e)),
             }
         };
         if modules.by_name("nt").is_none() {
@@ -882,19 +888,45 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             return Ok(());
         };
         match &plan {
-            Plan::Breakpoint { address, .. } => {
+            Plan::Breakpoint { address, symbol, .. } => {
                 if b.handle.is_none() {
-                    b.handle = Some(
-                        s.request(&api::WriteBreakPoint { address: *address })
-                            .await?,
-                    );
+                    let write = api::WriteBreakPoint { address: *address };
+                    b.handle = Some(match s.request(&write).await {
+                        Ok(h) => h,
+                        Err(KdError::Payload(PayloadError::Failed { .. })) => {
+                            // The kernel refuses a second breakpoint at one address: one is
+                            // already there (planted before a link loss whose reply never
+                            // came, or left by a capture that was killed). Only a debugger
+                            // plants KD breakpoints, and kdpilot is the debugger: clear the
+                            // table (handles 1..=32, sheet 4.5) and plant again.
+                            let message = format!(
+                                "a breakpoint is already planted at {symbol} ({address:#x}), left by an \
+                                 earlier session: clearing the kernel's breakpoint table and planting again"
+                            );
+                            (self.emit)(&CaptureEvent::Warning(message));
+                            for handle in 1..=32 {
+                                let _ = s.request(&api::RestoreBreakPoint { handle }).await;
+                            }
+                            s.request(&write).await?
+                        }
+                        Err(e) => return Err(e.into()),
+                    });
                 }
             }
             Plan::PoolHitTag { address, .. } => {
                 if !b.hit_tag_written {
                     if b.old_hit_tag.is_none() {
                         let old = s.read_virtual(*address, 4).await?;
-                        b.old_hit_tag = <[u8; 4]>::try_from(old).ok().map(u32::from_le_bytes);
+                        let mut old = <[u8; 4]>::try_from(old).ok().map(u32::from_le_bytes);
+                        if old == Some(self.options.tag) {
+                            (self.emit)(&CaptureEvent::Warning(format!(
+                                "nt!PoolHitTag already holds {:#010x} (left by a capture that was killed?): \
+                                 it will be cleared to 0 at the end",
+                                self.options.tag
+                            )));
+                            old = Some(0);
+                        }
+                        b.old_hit_tag = old;
                     }
                     s.request(&api::WriteVirtualMemory {
                         address: *address,
@@ -1053,7 +1085,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                 let len = WalkConfig::default().initial_stack_read;
                 match reader.read(regs.sp(), len).await {
                     Ok(v) => v,
-                    Err(e) => return Err(walk_failed(e.to_string())),
+                    Err(e) => return Err(read_failed("the stack", &e)),
                 }
             }
         };
@@ -1064,7 +1096,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
         let trace = StackWalker::new(&boot.modules)
             .walk(&mut reader, regs)
             .await
-            .map_err(|e| walk_failed(e.to_string()))?;
+            .map_err(|e| read_failed("the stack", &e))?;
         self.hits += 1;
         let frames = trace
             .frames
@@ -1140,10 +1172,18 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
     }
 }
 
-/// A stack walk that failed through the link: the link is in trouble; reconnecting makes the
-/// kernel report the same stop again, and the hit is read again.
-fn walk_failed(detail: String) -> CaptureError {
-    CaptureError::Kd(KdError::LinkLost(format!("stack read failed: {detail}")))
+/// A read of target memory that failed through the link (unreadable memory is a short read,
+/// not an error): the link is in trouble. Reconnecting makes the kernel report the same stop
+/// again, and it is read again.
+fn read_failed(what: &str, e: &dyn std::error::Error) -> CaptureError {
+    let mut detail = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        source = s.source();
+    }
+    CaptureError::Kd(KdError::LinkLost(format!("reading {what}: {detail}")))
 }
 
 /// Resolves when `f` turns true (polled four times a second).
