@@ -313,10 +313,8 @@ impl kdpilot_capture::engine::Connector for CuttingConnector {
     async fn connect(
         &mut self,
         _reconnect: bool,
-    ) -> Result<
-        kdpilot_kd::client::Stopped<Self::Link>,
-        kdpilot_capture::engine::ConnectError,
-    > {
+    ) -> Result<kdpilot_kd::client::Stopped<Self::Link>, kdpilot_capture::engine::ConnectError>
+    {
         let (host, target) = tokio::io::duplex(64 * 1024);
         let _ = self.lines.send(target);
         let (budget, steps) = self.cuts.pop_front().unwrap_or((u64::MAX, None));
@@ -357,8 +355,8 @@ async fn lost_links_lose_and_repeat_no_hit() {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<tokio::io::DuplexStream>();
         let sim = tokio::spawn(async move {
             while let Some(line) = rx.recv().await {
-                let _ = serve_with(line, &mut machine, &TargetOptions::default(), &mut activity)
-                    .await;
+                let _ =
+                    serve_with(line, &mut machine, &TargetOptions::default(), &mut activity).await;
             }
             (machine, activity)
         });

@@ -334,6 +334,22 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
         })
     }
 
+    /// The last hit of a previous capture that was killed before it finished (see
+    /// [`crate::log::unfinished_hit`]): if the target reports that stop again at the first
+    /// stop of this capture, it is stepped over without a second record.
+    pub fn set_unfinished_hit(&mut self, hit: &HitRecord) {
+        if self.boot == 0 {
+            if let Some(f) = hit.frames.first() {
+                self.in_flight = Some(InFlight {
+                    boot: 1,
+                    processor: hit.processor,
+                    thread: hit.thread,
+                    pc: f.address,
+                });
+            }
+        }
+    }
+
     /// Hits captured so far.
     pub fn hits(&self) -> u64 {
         self.hits
@@ -888,7 +904,9 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             return Ok(());
         };
         match &plan {
-            Plan::Breakpoint { address, symbol, .. } => {
+            Plan::Breakpoint {
+                address, symbol, ..
+            } => {
                 if b.handle.is_none() {
                     let write = api::WriteBreakPoint { address: *address };
                     b.handle = Some(match s.request(&write).await {
@@ -1155,8 +1173,25 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             }
         }
         let dr7 = s.state().control_report(s.arch()).dr7();
-        let _ = s.resume(&Continue2::go().with_dr7(dr7)).await?;
+        let mut running = s.resume(&Continue2::go().with_dr7(dr7)).await?;
         self.in_flight = None;
+        // Another processor may have hit the breakpoint while the target was stopped: its
+        // report comes right after the resume, and with no debugger left to answer it the
+        // machine would wait forever. Resume such stops until the line stays quiet.
+        for _ in 0..8 {
+            match running.wait_stop(Duration::from_secs(1)).await? {
+                WaitOutcome::StillRunning(_) => break,
+                WaitOutcome::Stopped(s) => {
+                    let st = s.state();
+                    (self.emit)(&CaptureEvent::Warning(format!(
+                        "processor {} stopped at {:#x} as the capture ended (a hit already on its way); resumed it",
+                        st.processor, st.program_counter
+                    )));
+                    let dr7 = st.control_report(s.arch()).dr7();
+                    running = s.resume(&Continue2::go().with_dr7(dr7)).await?;
+                }
+            }
+        }
         let left_planted = if clean {
             Vec::new()
         } else {

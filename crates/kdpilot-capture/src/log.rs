@@ -457,6 +457,29 @@ impl LogSink {
     }
 }
 
+/// The last hit of a capture that did not finish (no `detached` event after it) in the JSON
+/// log at `path`: a capture started after a crash or `kill -9` of the previous one hands it to
+/// [`crate::engine::Capture::set_unfinished_hit`], so that the stop of that hit, which the
+/// kernel reports again, is not recorded twice. Reads at most the last 1 MiB; `None` when
+/// the file is missing, ends with `detached`, or has no hit there.
+pub fn unfinished_hit(path: &Path) -> Option<HitRecord> {
+    let mut file = File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    let start = len.saturating_sub(1 << 20);
+    file.seek(SeekFrom::Start(start)).ok()?;
+    let mut tail = Vec::new();
+    file.take(1 << 20).read_to_end(&mut tail).ok()?;
+    let text = String::from_utf8_lossy(&tail);
+    for line in text.lines().rev() {
+        match LogLine::parse(line) {
+            Ok(LogLine::Hit(h)) => return Some(h),
+            Ok(LogLine::Event(EventRecord::Detached { .. })) => return None,
+            _ => {}
+        }
+    }
+    None
+}
+
 fn same_file(a: &Path, b: &Path) -> bool {
     if a == b {
         return true;

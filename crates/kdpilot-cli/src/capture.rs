@@ -209,6 +209,7 @@ pub async fn run(args: CaptureArgs, plain: bool) -> anyhow::Result<()> {
             json_path.display()
         ));
     }
+    let unfinished = kdpilot_capture::log::unfinished_hit(&json_path);
     let stop = Arc::new(AtomicBool::new(false));
     let stop_reason: StopReason = Arc::new(Mutex::new(None));
     watch_signals(stop.clone(), stop_reason.clone());
@@ -342,8 +343,14 @@ pub async fn run(args: CaptureArgs, plain: bool) -> anyhow::Result<()> {
         view.event(ev);
     })
     .map_err(CliError::usage)?;
+    if let Some(h) = &unfinished {
+        capture.set_unfinished_hit(h);
+    }
+    let started = std::time::Instant::now();
     let result = capture.run_with(&mut connector, &stop).await;
     let hits = capture.hits();
+    let stats = capture.stats();
+    let elapsed = started.elapsed().as_secs_f64();
     drop(capture);
     view.finish();
     let hits_result = result.map_err(|e| match e {
@@ -368,7 +375,13 @@ pub async fn run(args: CaptureArgs, plain: bool) -> anyhow::Result<()> {
         )));
     }
     crate::output::print(&format!(
-        "{hits} hits captured; logs: {} and {}\n",
+        "{hits} hits captured in {elapsed:.0} s ({:.1} hits/min); line: {} bytes sent, {} received, \
+         {} retransmits, {} damaged frames\nlogs: {} and {}\n",
+        hits as f64 * 60.0 / elapsed.max(1.0),
+        stats.bytes_tx,
+        stats.bytes_rx,
+        stats.retransmits,
+        stats.frame_errors,
         log_path.display(),
         json_path.display()
     ))?;

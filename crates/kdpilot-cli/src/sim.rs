@@ -296,20 +296,31 @@ async fn serve_on(
             let (sock, peer) = listener.accept().await?;
             sock.set_nodelay(true)?;
             eprintln!("kdpilot sim: host {peer} attached");
-            session(sock, machine, options, model, activity).await;
+            if session(sock, machine, options, model, activity).await == SessionEnd::Reboot {
+                tokio::time::sleep(options.reboot.downtime).await;
+            }
         }
     }
     #[cfg(unix)]
     if let Some(path) = listen.strip_prefix("unix:") {
-        let _ = std::fs::remove_file(path);
-        let listener = tokio::net::UnixListener::bind(path)
-            .with_context(|| format!("could not listen on Unix socket {path}"))?;
         eprintln!("kdpilot sim: {}", describe(machine));
         eprintln!("kdpilot sim: connect with --target unix:{path}");
         loop {
-            let (sock, _) = listener.accept().await?;
-            eprintln!("kdpilot sim: host attached");
-            session(sock, machine, options, model, activity).await;
+            let _ = std::fs::remove_file(path);
+            let listener = tokio::net::UnixListener::bind(path)
+                .with_context(|| format!("could not listen on Unix socket {path}"))?;
+            loop {
+                let (sock, _) = listener.accept().await?;
+                eprintln!("kdpilot sim: host attached");
+                if session(sock, machine, options, model, activity).await == SessionEnd::Reboot {
+                    break;
+                }
+            }
+            // A VM restart: the socket goes away with the VM and comes back with it.
+            drop(listener);
+            let _ = std::fs::remove_file(path);
+            eprintln!("kdpilot sim: the socket is gone until the target is back");
+            tokio::time::sleep(options.reboot.downtime).await;
         }
     }
     #[cfg(windows)]
@@ -326,7 +337,9 @@ async fn serve_on(
             first = false;
             server.connect().await?;
             eprintln!("kdpilot sim: host attached");
-            session(server, machine, options, model, activity).await;
+            if session(server, machine, options, model, activity).await == SessionEnd::Reboot {
+                tokio::time::sleep(options.reboot.downtime).await;
+            }
         }
     }
     Err(CliError::usage(anyhow::anyhow!(
@@ -341,7 +354,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     options: &TargetOptions,
     model: &LineModel,
     activity: &mut dyn Activity,
-) {
+) -> SessionEnd {
     match serve_with(
         FaultyLine::new(io, model.clone()),
         machine,
@@ -351,11 +364,12 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     .await
     {
         Ok(SessionEnd::HostGone) | Err(_) => {
-            eprintln!("kdpilot sim: host detached; the target keeps running")
+            eprintln!("kdpilot sim: host detached; the target keeps running");
+            SessionEnd::HostGone
         }
         Ok(SessionEnd::Reboot) => {
             eprintln!("kdpilot sim: the target is rebooting and dropped the link");
-            tokio::time::sleep(options.reboot.downtime).await;
+            SessionEnd::Reboot
         }
     }
 }

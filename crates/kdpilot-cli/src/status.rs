@@ -127,7 +127,7 @@ impl StatusView {
             CaptureEvent::Waiting { what } => {
                 self.snap.link = "waiting";
                 self.snap.last_event = what.clone();
-                Some(format!("{what}"))
+                Some(what.clone())
             }
             CaptureEvent::Connected {
                 build,

@@ -378,7 +378,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stopped<S> {
         let mut out = Vec::with_capacity(len);
         let mut lost = 0;
         while out.len() < len {
-            let n = (len - out.len()).min(self.conn.read_chunk);
+            let n = (len - out.len()).min(self.read_chunk_now());
             let req = api::ReadVirtualMemory {
                 address: address.wrapping_add(out.len() as u64),
                 count: n as u32,
@@ -444,6 +444,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stopped<S> {
         Err(KdError::ReplyLost {
             api: "ReadVirtualMemory",
         })
+    }
+
+    /// The chunk for the next read: on a noisy line, the size that moves the most data per
+    /// byte on the line for the damage rate seen (a reply of n bytes plus ~100 bytes of
+    /// headers and ACK arrives intact with probability (1-e)^(n+100); the best n is about
+    /// sqrt(100/e): 256 bytes at one damaged byte in 650, 3 KiB at one in 100,000).
+    fn read_chunk_now(&mut self) -> usize {
+        if !self.line_is_noisy() {
+            return self.conn.read_chunk;
+        }
+        let st = self.conn.link.stats();
+        let rate = st.frame_errors as f64 / (st.bytes_rx.max(1) as f64);
+        let best = (100.0 / rate.max(1e-9)).sqrt() as usize;
+        self.conn.read_chunk.min(best.max(MIN_READ_CHUNK))
     }
 
     /// Whether the link saw a damaged frame within the last [`NOISY_WINDOW`] packets.
