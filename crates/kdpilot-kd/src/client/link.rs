@@ -219,6 +219,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> KdLink<S> {
                     Ok(Absorbed::Nothing)
                 }
             },
+            DecodeEvent::Packet(p) if !plausible_data_header(p.id, p.packet_type) => {
+                // The checksum covers the payload only: a flipped bit in the id or the type
+                // passes it. A target only ever sends ids 0x80800000/1 (with or without the
+                // SYNC bit) and the data types below; anything else is damage. ACKing it would
+                // acknowledge an id the target never sent (it keeps waiting for its ACK), so
+                // ask for the packet again instead, as kdcom does with a host packet.
+                self.stats.frame_errors += 1;
+                tracing::debug!(
+                    id = format_args!("{:#010x}", p.id),
+                    packet_type = p.packet_type,
+                    "damaged header (id or type), asking for a resend"
+                );
+                self.sink.emit(ClientEvent::FrameError(format!(
+                    "damaged header: id {:#010x}, type {}",
+                    p.id, p.packet_type
+                )));
+                self.send_control(Packet::resend()).await?;
+                Ok(Absorbed::Nothing)
+            }
             DecodeEvent::Packet(p) => {
                 self.stats.packets_rx += 1;
                 self.send_control(Packet::ack(p.id)).await?;
@@ -399,4 +418,66 @@ enum Absorbed {
     Resend,
     Reset,
     Data(Packet),
+}
+
+/// Whether a data packet's header (not covered by the checksum) is one a target can send:
+/// id 0x80800000 or 0x80800001, with or without the SYNC bit, and a data packet type.
+fn plausible_data_header(id: u32, ptype: u16) -> bool {
+    use crate::wire::consts::{INITIAL_PACKET_ID, SYNC_PACKET_ID};
+    let id_ok = (id & !SYNC_PACKET_ID & !1) == INITIAL_PACKET_ID;
+    let type_ok = matches!(
+        ptype,
+        packet_type::KD_STATE_CHANGE32
+            | packet_type::KD_STATE_MANIPULATE
+            | packet_type::KD_DEBUG_IO
+            | packet_type::KD_STATE_CHANGE64
+            | packet_type::KD_TRACE_IO
+            | packet_type::KD_CONTROL_REQUEST
+            | packet_type::KD_FILE_IO
+    );
+    id_ok && type_ok
+}
+
+#[cfg(test)]
+mod header_tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A reply whose id took a bit flip (the checksum does not cover it) is asked again with
+    /// RESEND, never ACKed; the good copy that follows is ACKed and delivered.
+    #[tokio::test]
+    async fn a_damaged_id_is_asked_again_not_acked() {
+        let (host, mut target) = tokio::io::duplex(4096);
+        let mut link = KdLink::new(host, Timing::default(), EventSink::none());
+        let payload = vec![0x31u8, 0x31, 0, 0, 1, 2, 3, 4];
+        let bad = Packet::data(
+            packet_type::KD_STATE_MANIPULATE,
+            0x8180_0000,
+            payload.clone(),
+        )
+        .unwrap();
+        let good = Packet::data(
+            packet_type::KD_STATE_MANIPULATE,
+            0x8080_0000,
+            payload.clone(),
+        )
+        .unwrap();
+        target.write_all(&bad.encode()).await.unwrap();
+        target.write_all(&good.encode()).await.unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(2);
+        let got = link.recv(deadline).await.unwrap();
+        assert!(
+            matches!(&got, Some(Received::Packet(p)) if p.id == 0x8080_0000 && p.payload == payload),
+            "{got:?}"
+        );
+        drop(link);
+        let mut sent = Vec::new();
+        target.read_to_end(&mut sent).await.unwrap();
+        let mut expected = Packet::resend().encode();
+        expected.extend(Packet::ack(0x8080_0000).encode());
+        assert_eq!(
+            sent, expected,
+            "RESEND for the damaged id, then the ACK of the good one"
+        );
+    }
 }
