@@ -116,7 +116,8 @@ impl Aggregator {
             path: path.to_path_buf(),
             ..FileInfo::default()
         };
-        // A bad line is reported once the next line shows it was not the last one.
+        // An unparseable line without its `\n` can only be the last one: a record in flight
+        // (a capture killed while writing it, or still writing it). It is reported as such.
         let mut pending_bad: Option<(u64, String)> = None;
         let mut records = 0u64;
         loop {
@@ -132,9 +133,6 @@ impl Aggregator {
                 }
             };
             info.lines = raw.number;
-            if let Some((line, message)) = pending_bad.take() {
-                self.bad_line(&mut info, line, message);
-            }
             let parsed = match raw.bytes {
                 Some(bytes) => classify(bytes),
                 None => Line::Bad(format!("longer than {} MiB: not a record", MAX_LINE >> 20)),
@@ -156,7 +154,8 @@ impl Aggregator {
                     count_name(&mut self.ignored, &kind);
                 }
                 Line::Blank => {}
-                Line::Bad(message) => pending_bad = Some((raw.number, message)),
+                Line::Bad(message) if !raw.terminated => pending_bad = Some((raw.number, message)),
+                Line::Bad(message) => self.bad_line(&mut info, raw.number, message),
             }
         }
         let complete_bad_lines = info.bad_lines;

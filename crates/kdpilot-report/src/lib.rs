@@ -56,6 +56,9 @@ pub mod synth;
 mod text;
 pub mod timeline;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -22,7 +22,13 @@ pub fn render_text(report: &Report, options: &ReportOptions) -> String {
         stacks_by_bytes(&mut out, report, options);
     }
     boots(&mut out, report);
-    out
+    // Padded last columns leave spaces at line ends.
+    let mut trimmed = String::with_capacity(out.len());
+    for line in out.lines() {
+        trimmed.push_str(line.trim_end());
+        trimmed.push('\n');
+    }
+    trimmed
 }
 
 fn plural(n: u64, one: &str, many: &str) -> String {
@@ -181,10 +187,10 @@ fn stack(out: &mut String, report: &Report, s: &StackInfo) {
     );
     let mut line = String::from("     per boot:");
     for c in &s.per_boot {
-        let item = format!(" {}: {}", c.boot, thousands(c.hits));
+        let item = format!("  {}:{}", c.boot, thousands(c.hits));
         if line.len() + item.len() > WIDTH {
             let _ = writeln!(out, "{line}");
-            line = String::from("              ");
+            line = String::from("             ");
         }
         line.push_str(&item);
     }
@@ -204,7 +210,7 @@ fn stacks_by_bytes(out: &mut String, report: &Report, options: &ReportOptions) {
     let _ = writeln!(out, "\nTop {listed} stacks by bytes");
     let _ = writeln!(
         out,
-        "  {:<6} {:>10} {:>6} {:>11}  {:<24}  innermost driver frame",
+        "  {:<6} {:>10} {:>6} {:>11}  {:<24}  the driver's frame",
         "stack", "bytes", "%", "hits", "driver"
     );
     for rank in report.stacks_by_bytes.iter().take(listed) {
