@@ -61,7 +61,7 @@ mod tests;
 
 use std::collections::HashSet;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 pub use error::{ReportError, Warning};
@@ -109,11 +109,12 @@ impl ReportOptions {
 
 /// Reads the logs, in the order given, into a report (see the crate documentation for the
 /// rules). A path given twice is read once, with a warning.
-pub fn read_logs(inputs: &[PathBuf]) -> Result<Report, ReportError> {
+pub fn read_logs<P: AsRef<Path>>(inputs: &[P]) -> Result<Report, ReportError> {
     let mut aggregator = aggregate::Aggregator::default();
     let mut seen = HashSet::new();
     for path in inputs {
-        let identity = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+        let path = path.as_ref();
+        let identity = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         if !seen.insert(identity) {
             aggregator.duplicate(path);
             continue;
@@ -193,8 +194,8 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
 /// logs from the start (a million records take a few seconds; run it off the capture's
 /// loop, e.g. with `spawn_blocking`). Without the `flamegraph` feature the page has no flame
 /// graph and says so.
-pub fn write_html_report(
-    inputs: &[PathBuf],
+pub fn write_html_report<P: AsRef<Path>>(
+    inputs: &[P],
     out: &Path,
     options: &ReportOptions,
 ) -> Result<Summary, ReportError> {

@@ -194,7 +194,7 @@ fn an_incomplete_last_line_is_a_warning() {
         let line = kdpilot_capture::log::json_line(&LogLine::Hit(c.hit_record(&stack, 64)))?;
         c.raw(&line[..line.len() / 2])
     });
-    let report = read_logs(&[path.clone()]).unwrap();
+    let report = read_logs(&[&path]).unwrap();
     assert_eq!(report.summary.hits, 2);
     assert_eq!(report.summary.bad_lines, 1);
     assert!(report.files[0].incomplete_last_line);
@@ -220,7 +220,7 @@ fn a_bad_line_in_the_middle_is_skipped_with_its_number() {
         c.raw(b"\n")?;
         c.hit(&stack, 64)
     });
-    let report = read_logs(&[path.clone()]).unwrap();
+    let report = read_logs(&[&path]).unwrap();
     assert_eq!(report.summary.hits, 2);
     assert_eq!(report.summary.bad_lines, 2);
     assert!(!report.files[0].incomplete_last_line);
@@ -292,7 +292,7 @@ fn files_that_are_not_logs_are_errors_that_name_them() {
         "[2026-11-22 01:02:03.456 UTC] connected to com:port=/dev/ttyS0 (kdpilot 0.1.0)\n",
     )
     .unwrap();
-    let e = read_logs(&[text.clone()]).unwrap_err();
+    let e = read_logs(&[&text]).unwrap_err();
     assert!(matches!(e, ReportError::NotALog { lines: 1, .. }), "{e:?}");
     assert!(e.is_input_error());
     let message = e.to_string();
@@ -303,7 +303,7 @@ fn files_that_are_not_logs_are_errors_that_name_them() {
     );
 
     let missing = dir.path().join("missing.jsonl");
-    let e = read_logs(&[missing.clone()]).unwrap_err();
+    let e = read_logs(&[&missing]).unwrap_err();
     assert!(matches!(e, ReportError::Open { .. }), "{e:?}");
     assert!(e.to_string().contains("missing.jsonl"), "{e}");
 
@@ -351,7 +351,7 @@ fn boots_are_numbered_across_captures_and_files() {
         }
         Ok(())
     });
-    let report = read_logs(&[night1.clone(), night2.clone()]).unwrap();
+    let report = read_logs(&[&night1, &night2]).unwrap();
     assert_eq!(report.summary.captures, 3);
     assert_eq!(report.summary.boots, 6);
     let boots: Vec<(usize, usize, u64, u64)> = report
@@ -383,7 +383,7 @@ fn boots_are_numbered_across_captures_and_files() {
     assert_eq!(report.boots[1].build, Some(19041));
 
     // The same file twice is read once.
-    let again = read_logs(&[night1.clone(), night1]).unwrap();
+    let again = read_logs(&[&night1, &night1]).unwrap();
     assert_eq!(again.summary.hits, 4);
     assert_eq!(again.warnings.len(), 1);
     assert!(again.warnings[0].message.contains("given more than once"));
@@ -448,7 +448,7 @@ fn folded_lines_are_root_first_with_counts() {
         names.reverse();
         format!("{} {n}", names.join(";"))
     };
-    let mut lines = vec![expect(&a, 2), expect(&b, 1)];
+    let mut lines = [expect(&a, 2), expect(&b, 1)];
     lines.sort();
     assert_eq!(folded, format!("{}\n", lines.join("\n")));
     assert!(folded.starts_with("nt!KiSystemServiceCopyEnd+0x25;nt!NtDeviceIoControlFile+0x56;"));
@@ -572,7 +572,7 @@ fn a_log_still_being_written_can_be_reported() {
         c.hit(&a, 64)
     });
     let out = dir.path().join("live.html");
-    write_html_report(&[path.clone()], &out, &ReportOptions::default()).unwrap();
+    write_html_report(&[&path], &out, &ReportOptions::default()).unwrap();
     // A record half written, then completed.
     let more = {
         let mut c = SynthCapture::new(Vec::new(), at(10)).unwrap();
@@ -581,7 +581,7 @@ fn a_log_still_being_written_can_be_reported() {
     let line = kdpilot_capture::log::json_line(&LogLine::Hit(more)).unwrap();
     let mut f = fs::OpenOptions::new().append(true).open(&path).unwrap();
     f.write_all(&line[..100]).unwrap();
-    let s = write_html_report(&[path.clone()], &out, &ReportOptions::default()).unwrap();
+    let s = write_html_report(&[&path], &out, &ReportOptions::default()).unwrap();
     assert_eq!((s.hits, s.bad_lines), (1, 1));
     f.write_all(&line[100..]).unwrap();
     let s = write_html_report(&[path], &out, &ReportOptions::default()).unwrap();
