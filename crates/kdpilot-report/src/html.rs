@@ -46,6 +46,7 @@ details.stack summary { cursor: pointer; }
 .meta { color: #444; font-size: 0.9em; margin: 0.3em 0; }
 .warn { color: #8a4b00; }
 .flame { overflow-x: auto; }
+.flame > svg { width: 100%; }
 .legend { list-style: none; padding: 0; font-size: 0.9em; }
 .legend li { margin: 0.15em 0; }
 .swatch { display: inline-block; width: 1.4em; height: 0.35em; vertical-align: middle;
@@ -234,6 +235,7 @@ fn top_stacks(out: &mut String, report: &Report, options: &ReportOptions) {
             .iter()
             .map(|c| format!("{}:&nbsp;{}", c.boot, thousands(c.hits)))
             .collect();
+        let per_boot = per_boot.join(", ");
         let sizes = if s.min_size == s.max_size {
             bytes(s.min_size)
         } else {
@@ -247,7 +249,7 @@ fn top_stacks(out: &mut String, report: &Report, options: &ReportOptions) {
             escape(&sizes),
             thousands(s.bytes),
             percent(s.bytes, report.summary.bytes),
-            per_boot.join(" ")
+            per_boot
         );
         out.push_str("<ol class=\"frames\" start=\"0\">\n");
         for (i, f) in s.frames.iter().enumerate() {
