@@ -7,11 +7,11 @@ use std::io::BufReader;
 use std::path::Path;
 use std::time::SystemTime;
 
-use kdpilot_capture::record::{EventRecord, FrameRecord, HitRecord};
+use kdpilot_capture::record::{EventRecord, FrameRecord};
 
 use crate::driver;
-use crate::lines::{classify, Line, LineReader, MAX_LINE};
 use crate::model::{BootCount, BootInfo, DriverInfo, FileInfo, Report, StackInfo, Summary};
+use crate::pipeline::{self, key_frames, CompactHit, Record};
 use crate::timeline::Timeline;
 use crate::{ReportError, Warning};
 
@@ -66,14 +66,13 @@ struct StackAcc {
 }
 
 /// Reads logs and adds them up.
-#[derive(Default)]
 pub struct Aggregator {
+    threads: usize,
     names: Interner,
     frame_ids: HashMap<FrameKey, u32>,
     frames: Vec<FrameKey>,
-    stack_ids: HashMap<Box<[u32]>, u32>,
+    stack_ids: HashMap<Box<str>, u32>,
     stacks: Vec<StackAcc>,
-    scratch: Vec<u32>,
 
     boot_ids: HashMap<(usize, u64), usize>,
     boots: Vec<BootInfo>,
@@ -88,7 +87,35 @@ pub struct Aggregator {
     warnings: Vec<Warning>,
 }
 
+impl Default for Aggregator {
+    fn default() -> Self {
+        Aggregator::with_threads(pipeline::default_threads())
+    }
+}
+
 impl Aggregator {
+    /// An aggregator that parses on `threads` threads (1: on the caller's only).
+    pub fn with_threads(threads: usize) -> Self {
+        Aggregator {
+            threads,
+            names: Interner::default(),
+            frame_ids: HashMap::new(),
+            frames: Vec::new(),
+            stack_ids: HashMap::new(),
+            stacks: Vec::new(),
+            boot_ids: HashMap::new(),
+            boots: Vec::new(),
+            capture: 0,
+            new_capture_pending: false,
+            link_lost: false,
+            last_hit_number: None,
+            summary: Summary::default(),
+            files: Vec::new(),
+            ignored: BTreeMap::new(),
+            warnings: Vec::new(),
+        }
+    }
+
     /// Reads one log to its end (see [`crate::read_logs`] for the rules).
     pub fn read_file(&mut self, path: &Path) -> Result<(), ReportError> {
         let open_err = |source| ReportError::Open {
@@ -111,7 +138,6 @@ impl Aggregator {
         self.link_lost = false;
         self.last_hit_number = None;
 
-        let mut reader = LineReader::new(BufReader::with_capacity(1 << 20, file));
         let mut info = FileInfo {
             path: path.to_path_buf(),
             ..FileInfo::default()
@@ -120,43 +146,38 @@ impl Aggregator {
         // (a capture killed while writing it, or still writing it). It is reported as such.
         let mut pending_bad: Option<(u64, String)> = None;
         let mut records = 0u64;
-        loop {
-            let raw = match reader.next_line() {
-                Ok(Some(raw)) => raw,
-                Ok(None) => break,
-                Err(source) => {
-                    return Err(ReportError::Read {
-                        path: path.to_path_buf(),
-                        line: reader.line_number() + 1,
-                        source,
-                    })
-                }
-            };
-            info.lines = raw.number;
-            let parsed = match raw.bytes {
-                Some(bytes) => classify(bytes),
-                None => Line::Bad(format!("longer than {} MiB: not a record", MAX_LINE >> 20)),
-            };
-            match parsed {
-                Line::Hit(hit) => {
+        let reader = BufReader::with_capacity(1 << 20, file);
+        let read = pipeline::for_each_line(reader, self.threads, |parsed| {
+            info.lines = parsed.number;
+            match parsed.line {
+                Record::Hit(hit) => {
                     info.hits += 1;
                     records += 1;
-                    self.hit(file_index, *hit);
+                    self.hit(file_index, &hit);
                 }
-                Line::Event(event) => {
+                Record::Event(event) => {
                     info.events += 1;
                     records += 1;
                     self.event(file_index, &event);
                 }
-                Line::Unknown(kind) => {
+                Record::Unknown(kind) => {
                     records += 1;
                     self.summary.ignored_records += 1;
                     count_name(&mut self.ignored, &kind);
                 }
-                Line::Blank => {}
-                Line::Bad(message) if !raw.terminated => pending_bad = Some((raw.number, message)),
-                Line::Bad(message) => self.bad_line(&mut info, raw.number, message),
+                Record::Blank => {}
+                Record::Bad(message) if !parsed.terminated => {
+                    pending_bad = Some((parsed.number, message));
+                }
+                Record::Bad(message) => self.bad_line(&mut info, parsed.number, message),
             }
+        });
+        if let Err((line, source)) = read {
+            return Err(ReportError::Read {
+                path: path.to_path_buf(),
+                line,
+                source,
+            });
         }
         let complete_bad_lines = info.bad_lines;
         if let Some((line, message)) = pending_bad {
@@ -288,7 +309,7 @@ impl Aggregator {
         }
     }
 
-    fn hit(&mut self, file: usize, hit: HitRecord) {
+    fn hit(&mut self, file: usize, hit: &CompactHit) {
         self.saw_time(hit.time);
         if self.last_hit_number.is_some_and(|n| hit.hit <= n) {
             self.new_capture_pending = true;
@@ -302,36 +323,12 @@ impl Aggregator {
         }
         self.summary.hits += 1;
         self.summary.bytes = self.summary.bytes.saturating_add(hit.size);
-        if self.summary.tags.contains_key(&hit.tag) || self.summary.tags.len() < MAX_NAMES {
-            *self.summary.tags.entry(hit.tag).or_insert(0) += 1;
-        } else {
-            *self.summary.tags.entry("(other)".into()).or_insert(0) += 1;
-        }
+        count_name(&mut self.summary.tags, hit.tag());
 
-        let mut scratch = std::mem::take(&mut self.scratch);
-        scratch.clear();
-        scratch.extend(hit.frames.iter().map(|f| self.frame_id(f)));
-        let id = match self.stack_ids.get(scratch.as_slice()) {
+        let id = match self.stack_ids.get(hit.stack_key()) {
             Some(&id) => id,
-            None => {
-                let id = u32::try_from(self.stacks.len()).unwrap_or(u32::MAX);
-                let frames: Box<[u32]> = scratch.as_slice().into();
-                self.stack_ids.insert(frames.clone(), id);
-                self.stacks.push(StackAcc {
-                    frames,
-                    hits: 0,
-                    bytes: 0,
-                    min_size: u64::MAX,
-                    max_size: 0,
-                    first: hit.time,
-                    last: hit.time,
-                    per_boot: Vec::new(),
-                    timeline: Timeline::default(),
-                });
-                id
-            }
+            None => self.new_stack(hit),
         };
-        self.scratch = scratch;
         let Some(acc) = self.stacks.get_mut(id as usize) else {
             return;
         };
@@ -367,17 +364,32 @@ impl Aggregator {
         }
     }
 
-    fn frame_id(&mut self, f: &FrameRecord) -> u32 {
-        let module = f.module.as_deref().map(|m| self.names.intern(m));
-        let function = f.function.as_deref().map(|n| self.names.intern(n));
-        let offset = if module.is_none() && function.is_none() {
-            f.address
-        } else {
-            f.offset
-        };
+    /// Adds the stack of `hit`, seen for the first time.
+    fn new_stack(&mut self, hit: &CompactHit) -> u32 {
+        let key = hit.stack_key();
+        let frames: Box<[u32]> = key_frames(key)
+            .map(|(module, function, offset)| self.frame_id(module, function, offset))
+            .collect();
+        let id = u32::try_from(self.stacks.len()).unwrap_or(u32::MAX);
+        self.stack_ids.insert(key.into(), id);
+        self.stacks.push(StackAcc {
+            frames,
+            hits: 0,
+            bytes: 0,
+            min_size: u64::MAX,
+            max_size: 0,
+            first: hit.time,
+            last: hit.time,
+            per_boot: Vec::new(),
+            timeline: Timeline::default(),
+        });
+        id
+    }
+
+    fn frame_id(&mut self, module: Option<&str>, function: Option<&str>, offset: u64) -> u32 {
         let key = FrameKey {
-            module,
-            function,
+            module: module.map(|m| self.names.intern(m)),
+            function: function.map(|n| self.names.intern(n)),
             offset,
         };
         if let Some(&id) = self.frame_ids.get(&key) {

@@ -52,6 +52,7 @@ pub mod format;
 mod html;
 pub mod lines;
 mod model;
+mod pipeline;
 pub mod synth;
 mod text;
 pub mod timeline;
