@@ -426,10 +426,12 @@ impl Aggregator {
     }
 
     /// The report.
-    pub fn finish(self) -> Report {
-        let mut stacks: Vec<StackInfo> = self
-            .stacks
-            .iter()
+    pub fn finish(mut self) -> Report {
+        // The stacks' keys are no longer needed: free them before the report is built.
+        self.stack_ids = HashMap::new();
+        let accs = std::mem::take(&mut self.stacks);
+        let mut stacks: Vec<StackInfo> = accs
+            .into_iter()
             .map(|acc| {
                 let modules = acc.frames.iter().map(|&id| {
                     self.frames
@@ -449,8 +451,8 @@ impl Aggregator {
                     max_size: acc.max_size,
                     first_seen: acc.first,
                     last_seen: acc.last,
-                    per_boot: acc.per_boot.clone(),
-                    timeline: acc.timeline.clone(),
+                    per_boot: acc.per_boot,
+                    timeline: acc.timeline,
                 }
             })
             .collect();

@@ -129,16 +129,31 @@ pub fn read_logs<P: AsRef<Path>>(inputs: &[P]) -> Result<Report, ReportError> {
 /// [`ReportOptions::top`] (`summary.unique_stacks` has the full count), times as RFC 3339
 /// UTC strings and addresses as `"0x..."` strings. Ends with a newline.
 pub fn render_json(report: &Report, options: &ReportOptions) -> String {
+    /// [`Report`] by reference, with the stacks cut (no copy of the report).
+    #[derive(serde::Serialize)]
+    struct View<'a> {
+        summary: &'a Summary,
+        files: &'a [FileInfo],
+        boots: &'a [BootInfo],
+        drivers: &'a [DriverInfo],
+        stacks: &'a [StackInfo],
+        stacks_by_bytes: &'a [usize],
+        ignored: &'a std::collections::BTreeMap<String, u64>,
+        warnings: &'a [Warning],
+    }
     let listed = options.listed(report.stacks.len());
-    let view = Report {
-        stacks: report.stacks.iter().take(listed).cloned().collect(),
+    let view = View {
+        summary: &report.summary,
+        files: &report.files,
+        boots: &report.boots,
+        drivers: &report.drivers,
+        stacks: report.stacks.get(..listed).unwrap_or(&report.stacks),
         stacks_by_bytes: report
             .stacks_by_bytes
-            .iter()
-            .copied()
-            .take(listed)
-            .collect(),
-        ..report.clone()
+            .get(..listed)
+            .unwrap_or(&report.stacks_by_bytes),
+        ignored: &report.ignored,
+        warnings: &report.warnings,
     };
     let mut out = serde_json::to_string_pretty(&view).unwrap_or_default();
     out.push('\n');

@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// The most buckets a [`Timeline`] keeps; past this its buckets double in width.
-pub const MAX_BUCKETS: usize = 1024;
+/// The most buckets a [`Timeline`] keeps; past this its buckets double in width. The plot
+/// draws at most 120 buckets across the whole capture, so 256 per stack is enough.
+pub const MAX_BUCKETS: usize = 256;
 
 /// Counts per time bucket. Buckets are `width` seconds wide (a power of two, from 1 s) and
 /// aligned to multiples of the width since the Unix epoch, so timelines of different widths
@@ -76,7 +77,7 @@ mod tests {
             t.add(start + Duration::from_secs(s), 1);
         }
         assert!(t.buckets().count() <= MAX_BUCKETS);
-        assert_eq!(t.width(), 8);
+        assert_eq!(t.width(), 32);
         assert_eq!(t.buckets().map(|(_, v)| v).sum::<u64>(), 5000);
         let hourly = t.rebucket(4096);
         assert_eq!(hourly.values().sum::<u64>(), 5000);
