@@ -5,6 +5,7 @@
 
 use std::process::ExitCode;
 
+mod bench_report;
 mod fixtures;
 mod fuzz;
 mod windows;
@@ -19,6 +20,11 @@ struct Command {
 
 /// Every subcommand, in `help` order.
 const COMMANDS: &[Command] = &[
+    Command {
+        name: "bench-report",
+        about: bench_report::ABOUT,
+        run: bench_report::run,
+    },
     Command {
         name: "fixtures",
         about: fixtures::ABOUT,

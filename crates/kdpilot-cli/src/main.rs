@@ -32,6 +32,7 @@ mod logging;
 mod output;
 mod pooltag;
 mod probe;
+mod report;
 mod session;
 mod sim;
 mod stack;
@@ -99,6 +100,8 @@ enum Command {
     Probe(probe::ProbeArgs),
     /// Capture the stack of every allocation of a pool tag, unattended, to a text and a JSON log
     Capture(capture::CaptureArgs),
+    /// Report what captures found: unique stacks, drivers, flame graphs, an HTML page
+    Report(report::ReportArgs),
     /// List the target's loaded modules and their symbols, like WinDbg's lm
     Lm(lm::LmArgs),
     /// Show a stack like WinDbg's kb: where the break-in stopped, or at a breakpoint
@@ -117,6 +120,7 @@ impl Command {
             Command::Pooltag(args) => pooltag::run(args),
             Command::Probe(args) => block_on(probe::run(args)),
             Command::Capture(args) => block_on(capture::run(args, quiet)),
+            Command::Report(args) => report::run(args),
             Command::Lm(args) => block_on(lm::run(args)),
             Command::Stack(args) => block_on(stack::run(args)),
             Command::Sim(args) => block_on(sim::run(args)),

@@ -3,4 +3,5 @@
 
 mod general;
 mod pooltag;
+mod report;
 mod util;
