@@ -53,6 +53,61 @@ pub struct CaptureArgs {
     /// Stop after this long: 90s, 30m, 8h
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub duration: Option<Duration>,
+
+    /// Keep an HTML report of the JSON log up to date (rewritten every minute and at the end)
+    #[arg(long, value_name = "FILE.html")]
+    pub report: Option<PathBuf>,
+}
+
+/// Rewrites the HTML report of the JSON log once a minute, off the capture's loop.
+struct Reporter {
+    out: PathBuf,
+    json: PathBuf,
+    busy: Arc<AtomicBool>,
+    last: Option<std::time::Instant>,
+}
+
+impl Reporter {
+    const EVERY: Duration = Duration::from_secs(60);
+
+    fn options(final_page: bool) -> kdpilot_report::ReportOptions {
+        kdpilot_report::ReportOptions {
+            refresh: (!final_page).then_some(Self::EVERY),
+            generated_at: Some(SystemTime::now()),
+            ..kdpilot_report::ReportOptions::default()
+        }
+    }
+
+    /// Starts a rewrite if a minute has passed and none is running.
+    fn tick(&mut self) {
+        if self.last.is_some_and(|t| t.elapsed() < Self::EVERY) || self.busy.load(Ordering::Relaxed)
+        {
+            return;
+        }
+        self.last = Some(std::time::Instant::now());
+        self.busy.store(true, Ordering::Relaxed);
+        let (out, json, busy) = (self.out.clone(), self.json.clone(), self.busy.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = kdpilot_report::write_html_report(&[&json], &out, &Self::options(false))
+            {
+                tracing::warn!("report {}: {e}", out.display());
+            }
+            busy.store(false, Ordering::Relaxed);
+        });
+    }
+
+    /// The final page, after the capture.
+    async fn finish(self) -> Result<(), String> {
+        let Reporter { out, json, .. } = self;
+        let shown = out.display().to_string();
+        tokio::task::spawn_blocking(move || {
+            kdpilot_report::write_html_report(&[&json], &out, &Self::options(true))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| format!("{shown}: {e}"))?
+    }
 }
 
 /// `90s`, `30m`, `8h`, `2d`, or plain seconds.
@@ -210,6 +265,21 @@ pub async fn run(args: CaptureArgs, plain: bool) -> anyhow::Result<()> {
         ));
     }
     let unfinished = kdpilot_capture::log::unfinished_hit(&json_path);
+    if let Some(r) = &args.report {
+        if r == &json_path || r == &log_path {
+            return Err(CliError::usage(anyhow::anyhow!(
+                "--report {} is also a log; give the report another name (night.html)",
+                r.display()
+            ))
+            .into());
+        }
+    }
+    let mut reporter = args.report.clone().map(|out| Reporter {
+        out,
+        json: json_path.clone(),
+        busy: Arc::new(AtomicBool::new(false)),
+        last: None,
+    });
     let stop = Arc::new(AtomicBool::new(false));
     let stop_reason: StopReason = Arc::new(Mutex::new(None));
     watch_signals(stop.clone(), stop_reason.clone());
@@ -331,6 +401,9 @@ pub async fn run(args: CaptureArgs, plain: bool) -> anyhow::Result<()> {
             }
             CaptureEvent::Waiting { .. } | CaptureEvent::Status(_) => None,
         };
+        if let (Some(r), CaptureEvent::Status(_) | CaptureEvent::Hit(_)) = (reporter.as_mut(), ev) {
+            r.tick();
+        }
         if let Some(r) = record {
             if let Err(e) = sink.write_event(&r) {
                 if write_error.is_none() {
@@ -359,7 +432,19 @@ pub async fn run(args: CaptureArgs, plain: bool) -> anyhow::Result<()> {
         }
         e => anyhow::Error::from(e),
     });
+    let report_result = match reporter {
+        Some(r) => {
+            let path = r.out.clone();
+            Some(r.finish().await.map(|()| path))
+        }
+        None => None,
+    };
     let _ = hits_result.target_err()?;
+    match &report_result {
+        Some(Ok(path)) => eprintln!("kdpilot: report: {}", path.display()),
+        Some(Err(e)) => eprintln!("kdpilot: warning: the report could not be written: {e}"),
+        None => {}
+    }
     if let Some((false, left)) = &detached {
         eprintln!("kdpilot: WARNING: the target could not be cleaned up. It may still have:");
         for l in left {

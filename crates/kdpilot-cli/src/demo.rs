@@ -100,6 +100,7 @@ async fn capture_demo(baud: u32) -> anyhow::Result<()> {
         json: None,
         max_hits: Some(8),
         duration: Some(Duration::from_secs(300)),
+        report: None,
     };
     let result = crate::capture::run(args, false).await;
     target.abort();

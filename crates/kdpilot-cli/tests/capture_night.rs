@@ -482,3 +482,41 @@ async fn sigterm_detaches_like_ctrl_c() {
         "{detached:?}"
     );
 }
+
+#[tokio::test]
+async fn the_report_page_is_kept_up_to_date_during_a_capture() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("night.log");
+    let json = dir.path().join("night.jsonl");
+    let page = dir.path().join("night.html");
+    let (machine, activity) = machine("modern", 91, 200.0);
+    let (target, task) = tcp_target(machine, activity, 1).await;
+    let report = page.display().to_string();
+    let mut child = capture_cmd(&target, "modern", &log, &["--quiet", "--report", &report])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Written at once, while the capture runs (then every minute), reloading itself.
+    let deadline = std::time::Instant::now() + LIMIT;
+    while !page.exists() {
+        assert!(std::time::Instant::now() < deadline, "no report page");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let during = std::fs::read_to_string(&page).unwrap();
+    assert!(during.contains("http-equiv=\"refresh\""), "{during}");
+    wait_for_hits(&json, 3).await;
+    signal(child.id().unwrap(), "-INT");
+    let status = tokio::time::timeout(LIMIT, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    let (machine, _) = task.await.unwrap();
+    check_clean(&machine);
+    // The final page: every hit of the log, no reloading.
+    let hits = hit_stacks(&lines(&json)).len();
+    let after = std::fs::read_to_string(&page).unwrap();
+    assert!(!after.contains("http-equiv=\"refresh\""));
+    assert!(after.contains("leakydrv!"), "the top stack is on the page");
+    assert!(after.contains(&format!("{hits} hits")), "{hits} hits on the page");
+}
