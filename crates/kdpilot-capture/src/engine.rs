@@ -1184,8 +1184,9 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                 WaitOutcome::Stopped(s) => {
                     let st = s.state();
                     (self.emit)(&CaptureEvent::Warning(format!(
-                        "processor {} stopped at {:#x} as the capture ended (a hit already on its way); resumed it",
-                        st.processor, st.program_counter
+                        "as the capture ended, processor {} reported {}; resumed it",
+                        st.processor,
+                        describe_stop(st)
                     )));
                     let dr7 = st.control_report(s.arch()).dr7();
                     running = s.resume(&Continue2::go().with_dr7(dr7)).await?;
@@ -1219,6 +1220,23 @@ fn read_failed(what: &str, e: &dyn std::error::Error) -> CaptureError {
         source = s.source();
     }
     CaptureError::Kd(KdError::LinkLost(format!("reading {what}: {detail}")))
+}
+
+/// A stop in a few words, for messages.
+fn describe_stop(st: &StateChange) -> String {
+    match &st.info {
+        StateInfo::LoadSymbols(_) if st.is_unload_all() => "a reboot (unload all)".to_string(),
+        StateInfo::LoadSymbols(ls) if ls.is_unload() => format!("the unload of {}", ls.path_str()),
+        StateInfo::LoadSymbols(ls) => format!("the load of {}", ls.path_str()),
+        StateInfo::Exception(e) if e.record.code == status::BREAKPOINT => {
+            format!("a breakpoint at {:#x}", st.program_counter)
+        }
+        StateInfo::Exception(e) => format!(
+            "exception {:#010x} at {:#x}",
+            e.record.code, st.program_counter
+        ),
+        _ => format!("a stop at {:#x}", st.program_counter),
+    }
 }
 
 /// Resolves when `f` turns true (polled four times a second).

@@ -518,5 +518,8 @@ async fn the_report_page_is_kept_up_to_date_during_a_capture() {
     let after = std::fs::read_to_string(&page).unwrap();
     assert!(!after.contains("http-equiv=\"refresh\""));
     assert!(after.contains("leakydrv!"), "the top stack is on the page");
-    assert!(after.contains(&format!("{hits} hits")), "{hits} hits on the page");
+    assert!(
+        after.contains(&format!("{hits} hits")),
+        "{hits} hits on the page"
+    );
 }
