@@ -27,6 +27,7 @@ struct Scenario {
     hits: u64,
     reboot_every_hits: Option<u64>,
     model: LineModel,
+    hardware: bool,
 }
 
 fn dir(arch: Arch, flavour: &str) -> PathBuf {
@@ -85,6 +86,8 @@ async fn run(
         offline: true,
         max_hits: Some(sc.hits),
         duration: Some(Duration::from_secs(90)),
+        hardware_breakpoint: sc.hardware,
+        measure: false,
     };
     let mut capture = Capture::new(options, |e| events.push(e.clone())).unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);
@@ -136,6 +139,25 @@ fn check_clean(machine: &Machine) {
         machine.planted().is_empty(),
         "a breakpoint was left planted"
     );
+    for cpu in 0..machine.processors as u16 {
+        let dr7 = machine.debug_registers(cpu).unwrap().dr7;
+        assert_eq!(
+            dr7 & 0xff,
+            0,
+            "a hardware breakpoint left enabled on CPU {cpu}"
+        );
+    }
+}
+
+/// The hits' line costs, and whether every one was a hardware breakpoint hit.
+fn costs(events: &[CaptureEvent]) -> Vec<kdpilot_capture::engine::HitCost> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            CaptureEvent::HitCost(c) => Some(c.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 #[tokio::test]
@@ -153,6 +175,7 @@ async fn special_pool_capture_matches_ground_truth() {
                 hits: 8,
                 reboot_every_hits: None,
                 model: LineModel::clean(),
+                hardware: true,
             };
             let (records, events, machine, activity) = run(sc).await;
             check_clean(&machine);
@@ -162,6 +185,11 @@ async fn special_pool_capture_matches_ground_truth() {
             let truth = truth_stops(&activity, target, None);
             let got: Vec<Vec<String>> = records.iter().map(printed).collect();
             assert_eq!(got, truth[..got.len()], "{arch} {flavour}");
+            // Through the debug register: no step, no re-plant, on both architectures.
+            let c = costs(&events);
+            assert_eq!(c.len(), records.len());
+            assert!(c.iter().all(|c| c.hardware), "{arch} {flavour}: {c:?}");
+            assert!(machine.planted().is_empty() && machine.stops as usize >= records.len());
             assert!(records.iter().all(|r| r.tag_value == LEAK && r.size > 0));
         }
     })
@@ -178,6 +206,7 @@ async fn pool_hit_tag_capture_restores_the_tag() {
             hits: 6,
             reboot_every_hits: None,
             model: LineModel::clean(),
+            hardware: true,
         };
         let (records, _events, machine, activity) = run(sc).await;
         check_clean(&machine);
@@ -204,6 +233,7 @@ async fn capture_follows_reboots_and_rearms() {
             hits: 10,
             reboot_every_hits: Some(3),
             model: LineModel::clean(),
+            hardware: true,
         };
         let (records, events, machine, activity) = run(sc).await;
         check_clean(&machine);
@@ -378,6 +408,9 @@ async fn lost_links_lose_and_repeat_no_hit() {
             offline: true,
             max_hits: Some(24),
             duration: Some(Duration::from_secs(100)),
+            // The cuts at the single step need the int3 path (step over, re-plant).
+            hardware_breakpoint: false,
+            measure: false,
         };
         let mut capture = Capture::new(options, |e| events.push(e.clone())).unwrap();
         let stop = std::sync::atomic::AtomicBool::new(false);

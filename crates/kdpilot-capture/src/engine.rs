@@ -52,7 +52,18 @@ pub struct CaptureOptions {
     pub max_hits: Option<u64>,
     /// Stop after this long.
     pub duration: Option<Duration>,
+    /// Break with a debug register (KernelDr0 + Dr7, as WinDbg's `ba e1`) where the target
+    /// accepts it: a hit then costs no single step and no re-plant. False: always an int3
+    /// (WinDbg's `bp`).
+    pub hardware_breakpoint: bool,
+    /// Measure each hit's stack bytes the unwind needed (a second walk from the cache, no line
+    /// traffic): `HitCost::stack_touched`, for benchmarks.
+    pub measure: bool,
 }
+
+/// Dr7 bits of kdpilot's hardware breakpoint: L0 and G0 (DR0 enabled), R/W0 = LEN0 = 0
+/// (instruction fetch).
+const DR7_DR0_EXECUTE: u64 = 0b11;
 
 /// The state of the link, for a status line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +85,38 @@ pub struct Status {
     pub hits: u64,
     /// The boot in progress (0 before the first).
     pub boot: u64,
+}
+
+/// The line cost of one hit: everything from the resume before it (so its state change and
+/// ACK are in) to the resume that ended it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HitCost {
+    /// The hit number.
+    pub hit: u64,
+    /// Bytes host to target.
+    pub bytes_tx: u64,
+    /// Bytes target to host.
+    pub bytes_rx: u64,
+    /// Data packets host to target (requests and continues: the round trips).
+    pub packets_tx: u64,
+    /// Data packets target to host.
+    pub packets_rx: u64,
+    /// From the stop's arrival at the host to the resume's ACK: the target is frozen this long
+    /// (plus the state change's own time on the line).
+    pub stopped: Duration,
+    /// Stack bytes the unwind asked for (the union of the walker's reads above the stack
+    /// pointer).
+    pub stack_touched: u64,
+    /// Stack bytes read from the target for it.
+    pub stack_read: u64,
+    /// Bytes of the hit's state change payload.
+    pub state_change_len: u64,
+    /// Registers read (GetContextEx byte count, or the whole CONTEXT).
+    pub context_bytes: u64,
+    /// Frames in the stack.
+    pub frames: u64,
+    /// The breakpoint was a debug register (no step, no re-plant).
+    pub hardware: bool,
 }
 
 /// What the capture did or saw; the CLI renders these.
@@ -142,6 +185,8 @@ pub enum CaptureEvent {
         /// What happened.
         reason: String,
     },
+    /// What the last hit cost on the line, from the previous resume to this one.
+    HitCost(HitCost),
     /// Counters, twice a second while the target runs.
     Status(Status),
     /// Something the user should know.
@@ -260,6 +305,8 @@ struct BootState {
     awaiting: Option<String>,
     /// The handle of our planted breakpoint (`None`: not planted, or consumed at a stop).
     handle: Option<u32>,
+    /// Our breakpoint is in KernelDr0 of every processor, enabled by our Dr7 bits.
+    hw_planted: bool,
     /// PoolHitTag holds our tag.
     hit_tag_written: bool,
     /// PoolHitTag's value before we wrote it.
@@ -299,6 +346,11 @@ pub struct Capture<F: FnMut(&CaptureEvent)> {
     in_flight: Option<InFlight>,
     /// Whether the target answers GetContextEx (`None`: not asked yet).
     context_ex: Option<bool>,
+    /// Whether the target takes a hardware breakpoint (`None`: not tried yet).
+    hardware: Option<bool>,
+    /// Counters at the last resume, and what the hit being handled measured.
+    stats_at_resume: LinkStats,
+    pending_cost: Option<HitCost>,
     /// Counters of links that are gone, and the last seen of the current one.
     stats_done: LinkStats,
     stats_now: LinkStats,
@@ -328,6 +380,9 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             state: None,
             in_flight: None,
             context_ex: None,
+            hardware: None,
+            stats_at_resume: LinkStats::default(),
+            pending_cost: None,
             stats_done: LinkStats::default(),
             stats_now: LinkStats::default(),
             started: Instant::now(),
@@ -481,6 +536,13 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             match &b.plan {
                 Some(Plan::Breakpoint {
                     symbol, address, ..
+                }) if b.hw_planted => {
+                    out.push(format!(
+                        "a hardware breakpoint at {symbol} ({address:#x}): KernelDr0 with Dr7 bits 0-1 on every processor"
+                    ));
+                }
+                Some(Plan::Breakpoint {
+                    symbol, address, ..
                 }) if b.handle.is_some() => {
                     out.push(format!("a breakpoint at {symbol} ({address:#x})"));
                 }
@@ -517,6 +579,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             });
         }
         let _ = reconnect;
+        self.stats_at_resume = stopped.stats().clone();
         let mut running = self.handle_and_resume(stopped, true).await?;
         let mut last_status = Instant::now();
         loop {
@@ -568,9 +631,37 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
         self.detach(s, reason).await
     }
 
+    /// Handles a stop, then leaves it; a hit's line cost is measured and emitted.
+    async fn handle_and_resume<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        s: Stopped<S>,
+        fresh: bool,
+    ) -> Result<Running<S>, CaptureError> {
+        let stop_at = Instant::now();
+        let hits_before = self.hits;
+        self.pending_cost = None;
+        let r = self.handle_and_resume_inner(s, fresh).await?;
+        let now = r.stats().clone();
+        if self.hits > hits_before {
+            let before = &self.stats_at_resume;
+            let cost = HitCost {
+                hit: self.hits,
+                bytes_tx: now.bytes_tx.saturating_sub(before.bytes_tx),
+                bytes_rx: now.bytes_rx.saturating_sub(before.bytes_rx),
+                packets_tx: now.packets_tx.saturating_sub(before.packets_tx),
+                packets_rx: now.packets_rx.saturating_sub(before.packets_rx),
+                stopped: stop_at.elapsed(),
+                ..self.pending_cost.take().unwrap_or_default()
+            };
+            (self.emit)(&CaptureEvent::HitCost(cost));
+        }
+        self.stats_at_resume = now;
+        Ok(r)
+    }
+
     /// Handles a stop, then leaves it. Errors that are not the link's end the capture, after
     /// a best-effort detach.
-    async fn handle_and_resume<S: AsyncRead + AsyncWrite + Unpin>(
+    async fn handle_and_resume_inner<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         mut s: Stopped<S>,
         fresh: bool,
@@ -595,7 +686,8 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                 if let Some(b) = &mut self.state {
                     b.handle = None; // consumed at the stop (sheet 4.4)
                 }
-                let r = s.resume(&Continue2::single_step()).await?;
+                let dr7 = self.dr7_for(&s);
+                let r = s.resume(&Continue2::single_step().with_dr7(dr7)).await?;
                 self.in_flight = None;
                 let s2 = match r.wait_stop(Duration::from_secs(30)).await? {
                     WaitOutcome::Stopped(s2) => s2,
@@ -606,9 +698,22 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                 } else {
                     // Something else came first (another CPU, a reboot): handle it as any stop;
                     // our breakpoint is planted again before the target goes on.
-                    Box::pin(self.handle_and_resume(s2, false)).await
+                    Box::pin(self.handle_and_resume_inner(s2, false)).await
                 }
             }
+        }
+    }
+
+    /// The Dr7 a Continue2 carries: the reporting processor's KernelDr7, with our DR0 enable
+    /// bits while the hardware breakpoint is planted, without them once it is not.
+    fn dr7_for<S: AsyncRead + AsyncWrite + Unpin>(&self, s: &Stopped<S>) -> u64 {
+        let base = s.state().control_report(s.arch()).dr7();
+        if self.state.as_ref().is_some_and(|b| b.hw_planted) {
+            base | DR7_DR0_EXECUTE
+        } else if self.hardware == Some(true) {
+            base & !DR7_DR0_EXECUTE
+        } else {
+            base
         }
     }
 
@@ -618,7 +723,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
         mut s: Stopped<S>,
     ) -> Result<Running<S>, CaptureError> {
         self.plant(&mut s).await?;
-        let dr7 = s.state().control_report(s.arch()).dr7();
+        let dr7 = self.dr7_for(&s);
         let r = s.resume(&Continue2::go().with_dr7(dr7)).await?;
         self.in_flight = None;
         Ok(r)
@@ -680,7 +785,12 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                     self.record(s, &plan).await?;
                     self.in_flight = Some(key);
                 }
-                Ok(Next::StepOver)
+                // A debug register leaves nothing to step over (the kernel resumes with RF).
+                if state.is_single_step() {
+                    Ok(Next::Go)
+                } else {
+                    Ok(Next::StepOver)
+                }
             }
             Plan::PoolHitTag { .. } => {
                 let mut ctx = if seen {
@@ -716,13 +826,23 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
         let StateInfo::Exception(e) = &state.info else {
             return None;
         };
-        if e.record.code != status::BREAKPOINT {
-            return None;
-        }
+        let code = e.record.code;
         let pc = state.program_counter;
         match plan {
-            Plan::Breakpoint { address, .. } if *address == pc => Some(plan.clone()),
-            Plan::PoolHitTag { .. } if b.hit_tag_written && is_hit_tag_break(&b.modules, pc) => {
+            // An int3 (planted now or before a link loss), or the debug register (reported as
+            // a single step with Dr6.B0 at the instruction).
+            Plan::Breakpoint { address, .. }
+                if *address == pc
+                    && (code == status::BREAKPOINT
+                        || (code == status::SINGLE_STEP && b.hw_planted)) =>
+            {
+                Some(plan.clone())
+            }
+            Plan::PoolHitTag { .. }
+                if code == status::BREAKPOINT
+                    && b.hit_tag_written
+                    && is_hit_tag_break(&b.modules, pc) =>
+            {
                 Some(plan.clone())
             }
             _ => None,
@@ -817,6 +937,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             plan: None,
             awaiting: None,
             handle: None,
+            hw_planted: false,
             hit_tag_written: false,
             old_hit_tag: None,
             announced: false,
@@ -907,7 +1028,22 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             Plan::Breakpoint {
                 address, symbol, ..
             } => {
-                if b.handle.is_none() {
+                if b.handle.is_none()
+                    && !b.hw_planted
+                    && self.options.hardware_breakpoint
+                    && self.hardware != Some(false)
+                {
+                    if set_dr0(s, *address).await? {
+                        b.hw_planted = true;
+                        self.hardware = Some(true);
+                    } else {
+                        self.hardware = Some(false);
+                        (self.emit)(&CaptureEvent::Warning(
+                            "the target refused the debug registers: using an int3 breakpoint (a single step and a re-plant per hit)".into(),
+                        ));
+                    }
+                }
+                if b.handle.is_none() && !b.hw_planted {
                     let write = api::WriteBreakPoint { address: *address };
                     b.handle = Some(match s.request(&write).await {
                         Ok(h) => h,
@@ -1077,6 +1213,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
         let ctx = self.registers(s).await?;
         let state = s.state().clone();
         let s_arch = s.arch();
+        let s_state_len = s.state_bytes().len() as u64;
         let regs = registers(&ctx);
         let arg = |i: Option<u8>, mem: &[u8]| -> Option<u64> {
             let i = i?;
@@ -1112,9 +1249,41 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             return Ok(ctx); // another tag: not ours (breakpoint strategy filter)
         }
         let trace = StackWalker::new(&boot.modules)
-            .walk(&mut reader, regs)
+            .walk(&mut reader, regs.clone())
             .await
             .map_err(|e| read_failed("the stack", &e))?;
+        let stack_read = reader.stats().bytes_received;
+        let stack_touched = if self.options.measure {
+            // The same walk again, served from the cache, without the first window: the bytes
+            // it asks for are the ones the unwind needs.
+            let config = WalkConfig {
+                initial_stack_read: 0,
+                ..WalkConfig::default()
+            };
+            let mut touch = Touch {
+                inner: &mut reader,
+                ranges: Vec::new(),
+            };
+            let _ = StackWalker::with_config(&boot.modules, config)
+                .walk(&mut touch, regs.clone())
+                .await;
+            union_len(touch.ranges, regs.sp(), regs.sp().saturating_add(0x10000))
+        } else {
+            0
+        };
+        self.pending_cost = Some(HitCost {
+            stack_touched,
+            stack_read,
+            state_change_len: s_state_len,
+            context_bytes: if self.context_ex == Some(true) {
+                u64::from(hit_registers(s_arch).byte_count)
+            } else {
+                s_arch.context_size() as u64
+            },
+            frames: trace.frames.len() as u64,
+            hardware: state.is_single_step(),
+            ..HitCost::default()
+        });
         self.hits += 1;
         let frames = trace
             .frames
@@ -1172,8 +1341,17 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                 }
             }
         }
-        let dr7 = s.state().control_report(s.arch()).dr7();
+        // Our Dr7 bits go with this resume; KernelDr0 may keep the address (disabled).
+        let base = s.state().control_report(s.arch()).dr7();
+        let dr7 = if self.hardware == Some(true) {
+            base & !DR7_DR0_EXECUTE
+        } else {
+            base
+        };
         let mut running = s.resume(&Continue2::go().with_dr7(dr7)).await?;
+        if let Some(b) = self.state.as_mut() {
+            b.hw_planted = false;
+        }
         self.in_flight = None;
         // Another processor may have hit the breakpoint while the target was stopped: its
         // report comes right after the resume, and with no debugger left to answer it the
@@ -1188,7 +1366,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                         st.processor,
                         describe_stop(st)
                     )));
-                    let dr7 = st.control_report(s.arch()).dr7();
+                    let dr7 = self.dr7_for(&s);
                     running = s.resume(&Continue2::go().with_dr7(dr7)).await?;
                 }
             }
@@ -1220,6 +1398,81 @@ fn read_failed(what: &str, e: &dyn std::error::Error) -> CaptureError {
         source = s.source();
     }
     CaptureError::Kd(KdError::LinkLost(format!("reading {what}: {detail}")))
+}
+
+/// Puts `address` in KernelDr0 of every processor (control space: AMD64 KSPECIAL_REGISTERS,
+/// read then written back whole from Cr0 to KernelDr0; x86 KPROCESSOR_STATE+0x2DC). Continue2's
+/// Dr7 enables it. False when the target refuses (the caller falls back to an int3).
+async fn set_dr0<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut Stopped<S>,
+    address: u64,
+) -> Result<bool, CaptureError> {
+    let cpus = u16::try_from(s.state().number_processors.clamp(1, 64)).unwrap_or(1);
+    for cpu in 0..cpus {
+        let write = match s.arch() {
+            Arch::Amd64 => {
+                let read = api::ReadControlSpace {
+                    address: 2,
+                    count: 0x28,
+                };
+                let mut regs = match s.request_on(cpu, &read).await {
+                    Ok(r) => r.data,
+                    Err(KdError::Payload(_)) => return Ok(false),
+                    Err(e) => return Err(e.into()),
+                };
+                if regs.len() < 0x28 {
+                    return Ok(false);
+                }
+                regs.truncate(0x28);
+                if let Some(dr0) = regs.get_mut(0x20..0x28) {
+                    dr0.copy_from_slice(&address.to_le_bytes());
+                }
+                api::WriteControlSpace {
+                    address: 2,
+                    data: regs,
+                }
+            }
+            Arch::X86 => api::WriteControlSpace {
+                address: 0x2CC + 0x10,
+                data: (address as u32).to_le_bytes().to_vec(),
+            },
+        };
+        match s.request_on(cpu, &write).await {
+            Ok(_) => {}
+            Err(KdError::Payload(_)) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(true)
+}
+
+/// A reader that notes every range asked of it (for [`HitCost::stack_touched`]).
+struct Touch<R> {
+    inner: R,
+    ranges: Vec<(u64, u64)>,
+}
+
+impl<R: MemoryReader> MemoryReader for Touch<R> {
+    async fn read(&mut self, address: u64, len: usize) -> Result<Vec<u8>, ReadError> {
+        self.ranges
+            .push((address, address.saturating_add(len as u64)));
+        self.inner.read(address, len).await
+    }
+}
+
+/// Bytes of `[lo, hi)` covered by the union of `ranges`.
+fn union_len(mut ranges: Vec<(u64, u64)>, lo: u64, hi: u64) -> u64 {
+    ranges.sort_unstable();
+    let mut total = 0;
+    let mut end = lo;
+    for (a, b) in ranges {
+        let (a, b) = (a.max(end), b.min(hi));
+        if b > a {
+            total += b - a;
+            end = b;
+        }
+    }
+    total
 }
 
 /// A stop in a few words, for messages.

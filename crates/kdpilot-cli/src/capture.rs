@@ -54,6 +54,11 @@ pub struct CaptureArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub duration: Option<Duration>,
 
+    /// Break with an int3 (WinDbg's bp: a single step and a re-plant per hit) instead of a
+    /// debug register (ba e1), which is used where the target accepts it
+    #[arg(long)]
+    pub software_breakpoint: bool,
+
     /// Keep an HTML report of the JSON log up to date (rewritten every minute and at the end)
     #[arg(long, value_name = "FILE.html")]
     pub report: Option<PathBuf>,
@@ -299,6 +304,8 @@ pub async fn run(args: CaptureArgs, plain: bool) -> anyhow::Result<()> {
         offline: args.target.offline,
         max_hits: args.max_hits,
         duration: args.duration,
+        hardware_breakpoint: !args.software_breakpoint,
+        measure: false,
     };
     let now = SystemTime::now;
     let mut write_error: Option<anyhow::Error> = None;
@@ -399,7 +406,9 @@ pub async fn run(args: CaptureArgs, plain: bool) -> anyhow::Result<()> {
                 }
                 None
             }
-            CaptureEvent::Waiting { .. } | CaptureEvent::Status(_) => None,
+            CaptureEvent::Waiting { .. } | CaptureEvent::Status(_) | CaptureEvent::HitCost(_) => {
+                None
+            }
         };
         if let (Some(r), CaptureEvent::Status(_) | CaptureEvent::Hit(_)) = (reporter.as_mut(), ev) {
             r.tick();

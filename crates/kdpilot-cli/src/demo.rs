@@ -84,7 +84,7 @@ async fn capture_demo(baud: u32) -> anyhow::Result<()> {
     let (endpoint, target) = start_target_with(&mut machine, model, activity).await?;
     print(&format!(
         "\nNow a capture. On the target: special pool for tag 'Leak', a driver that leaks it, a reboot after 4 hits.\n\
-         $ kdpilot capture --target {endpoint} --tag Leak --symbols {} --max-hits 8\n",
+         $ kdpilot capture --target {endpoint} --tag Leak --symbols {} --max-hits 6\n",
         dir.display()
     ))?;
     let args = crate::capture::CaptureArgs {
@@ -98,9 +98,10 @@ async fn capture_demo(baud: u32) -> anyhow::Result<()> {
         strategy: "auto".into(),
         log: None,
         json: None,
-        max_hits: Some(8),
+        max_hits: Some(6),
         duration: Some(Duration::from_secs(300)),
         report: None,
+        software_breakpoint: false,
     };
     let result = crate::capture::run(args, false).await;
     target.abort();

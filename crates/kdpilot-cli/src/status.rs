@@ -198,6 +198,7 @@ impl StatusView {
                     .push_back((now, s.stats.bytes_tx + s.stats.bytes_rx));
                 None
             }
+            CaptureEvent::HitCost(_) => None,
             CaptureEvent::Warning(w) => {
                 self.snap.last_event = "warning".into();
                 Some(format!("warning: {w}"))

@@ -188,6 +188,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stopped<S> {
         &self.state
     }
 
+    /// The stop's state change payload as received (its length is what the stop cost on the
+    /// line, with the 16-byte header, the trailer and the ACK).
+    pub fn state_bytes(&self) -> &[u8] {
+        &self.raw
+    }
+
     /// The version read at connect (or by [`Stopped::refresh_version`]).
     pub fn version(&self) -> Option<&GetVersion64> {
         self.conn.version.as_ref()
