@@ -1249,7 +1249,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             return Ok(ctx); // another tag: not ours (breakpoint strategy filter)
         }
         let trace = StackWalker::new(&boot.modules)
-            .walk(&mut reader, regs.clone())
+            .walk(&mut reader, regs)
             .await
             .map_err(|e| read_failed("the stack", &e))?;
         let stack_read = reader.stats().bytes_received;
@@ -1265,7 +1265,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                 ranges: Vec::new(),
             };
             let _ = StackWalker::with_config(&boot.modules, config)
-                .walk(&mut touch, regs.clone())
+                .walk(&mut touch, regs)
                 .await;
             union_len(touch.ranges, regs.sp(), regs.sp().saturating_add(0x10000))
         } else {
