@@ -87,7 +87,7 @@ async fn run(
         max_hits: Some(sc.hits),
         duration: Some(Duration::from_secs(90)),
         hardware_breakpoint: sc.hardware,
-        measure: false,
+        measure: true,
     };
     let mut capture = Capture::new(options, |e| events.push(e.clone())).unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);
@@ -189,6 +189,14 @@ async fn special_pool_capture_matches_ground_truth() {
             let c = costs(&events);
             assert_eq!(c.len(), records.len());
             assert!(c.iter().all(|c| c.hardware), "{arch} {flavour}: {c:?}");
+            // No hit costs less than the protocol's minimum for what it read.
+            for cost in &c {
+                let (tx, rx) = kdpilot_capture::cost::lower_bound(cost, arch);
+                assert!(
+                    cost.bytes_tx >= tx && cost.bytes_rx >= rx && cost.stack_touched > 0,
+                    "{arch} {flavour}: {cost:?} under the bound ({tx}, {rx})"
+                );
+            }
             assert!(machine.planted().is_empty() && machine.stops as usize >= records.len());
             assert!(records.iter().all(|r| r.tag_value == LEAK && r.size > 0));
         }

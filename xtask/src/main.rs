@@ -5,6 +5,7 @@
 
 use std::process::ExitCode;
 
+mod bench;
 mod bench_report;
 mod fixtures;
 mod fuzz;
@@ -20,6 +21,11 @@ struct Command {
 
 /// Every subcommand, in `help` order.
 const COMMANDS: &[Command] = &[
+    Command {
+        name: "bench",
+        about: bench::ABOUT,
+        run: bench::run,
+    },
     Command {
         name: "bench-report",
         about: bench_report::ABOUT,

@@ -1446,7 +1446,7 @@ async fn set_dr0<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(true)
 }
 
-/// A reader that notes every range asked of it (for [`HitCost::stack_touched`]).
+/// A reader that notes every range it served (for [`HitCost::stack_touched`]).
 struct Touch<R> {
     inner: R,
     ranges: Vec<(u64, u64)>,
@@ -1454,9 +1454,10 @@ struct Touch<R> {
 
 impl<R: MemoryReader> MemoryReader for Touch<R> {
     async fn read(&mut self, address: u64, len: usize) -> Result<Vec<u8>, ReadError> {
+        let got = self.inner.read(address, len).await?;
         self.ranges
-            .push((address, address.saturating_add(len as u64)));
-        self.inner.read(address, len).await
+            .push((address, address.saturating_add(got.len() as u64)));
+        Ok(got)
     }
 }
 

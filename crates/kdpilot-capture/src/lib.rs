@@ -13,6 +13,7 @@
 //!
 //! The formats are documented in docs/capture-log.md.
 
+pub mod cost;
 pub mod engine;
 pub mod log;
 pub mod record;
