@@ -28,9 +28,9 @@ use kdpilot_kd::version::GetVersion64;
 use kdpilot_kd::wire::status;
 use kdpilot_kd::{Arch, PayloadError};
 use kdpilot_symbols::{
-    CachedReader, Frame, KernelInfo, MemoryReader, Module, ModuleSet, ReadError, Registers,
-    StackWalker, StoreOptions, SymbolPath, SymbolStore, WalkConfig, WalkLimits, X64Registers,
-    X86Registers,
+    CachedReader, Frame, KernelInfo, MemoryReader, Module, ModuleSet, ProgressSink, ReadError,
+    Registers, StackWalker, StoreOptions, SymbolPath, SymbolStore, WalkConfig, WalkLimits,
+    X64Registers, X86Registers,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -387,6 +387,19 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             stats_now: LinkStats::default(),
             started: Instant::now(),
         })
+    }
+
+    /// Reports symbol lookups and downloads to `sink` (a progress bar).
+    pub fn set_progress(&mut self, sink: Arc<dyn ProgressSink>) {
+        if self.store.is_some() {
+            if let Ok(path) = SymbolPath::parse(&self.options.symbols) {
+                let opts = StoreOptions {
+                    offline: self.options.offline,
+                    ..StoreOptions::default()
+                };
+                self.store = Some(Arc::new(SymbolStore::new(path, opts, Some(sink))));
+            }
+        }
     }
 
     /// The last hit of a previous capture that was killed before it finished (see
@@ -831,10 +844,13 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
         match plan {
             // An int3 (planted now or before a link loss), or the debug register (reported as
             // a single step with Dr6.B0 at the instruction).
+            // Dr6.B0 also names one planted by a capture that was killed, which this one
+            // has not planted yet.
             Plan::Breakpoint { address, .. }
                 if *address == pc
                     && (code == status::BREAKPOINT
-                        || (code == status::SINGLE_STEP && b.hw_planted)) =>
+                        || (code == status::SINGLE_STEP
+                            && (b.hw_planted || dr6_b0(state, b.modules.arch())))) =>
             {
                 Some(plan.clone())
             }
@@ -1444,6 +1460,11 @@ async fn set_dr0<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     Ok(true)
+}
+
+/// Whether the stop's Dr6 says DR0 matched (B0).
+fn dr6_b0(state: &StateChange, arch: Option<Arch>) -> bool {
+    arch.is_some_and(|a| state.control_report(a).dr6() & 1 != 0)
 }
 
 /// A reader that notes every range it served (for [`HitCost::stack_touched`]).

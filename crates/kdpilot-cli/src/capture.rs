@@ -258,6 +258,7 @@ pub async fn run(args: CaptureArgs, plain: bool) -> anyhow::Result<()> {
     let mut sink =
         LogSink::open(&log_path, &json_path, &LogOptions::default()).map_err(CliError::usage)?;
     let mut view = StatusView::new(plain);
+    let progress = view.symbol_progress();
     view.println(&format!(
         "logging to {} and {}",
         log_path.display(),
@@ -428,6 +429,7 @@ pub async fn run(args: CaptureArgs, plain: bool) -> anyhow::Result<()> {
     if let Some(h) = &unfinished {
         capture.set_unfinished_hit(h);
     }
+    capture.set_progress(progress);
     let started = std::time::Instant::now();
     let result = capture.run_with(&mut connector, &stop).await;
     let hits = capture.hits();

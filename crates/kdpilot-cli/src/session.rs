@@ -132,30 +132,7 @@ impl BarProgress {
 
 impl ProgressSink for BarProgress {
     fn event(&self, event: &ProgressEvent) {
-        let text = match event {
-            ProgressEvent::Lookup { file, key } => format!("looking for {file} ({key})"),
-            ProgressEvent::DownloadStarted { url, .. } => format!("downloading {url}"),
-            ProgressEvent::DownloadProgress {
-                bytes,
-                total: Some(t),
-                ..
-            } => {
-                format!("downloading: {} of {} KiB", bytes / 1024, t / 1024)
-            }
-            ProgressEvent::DownloadProgress { bytes, .. } => {
-                format!("downloading: {} KiB", bytes / 1024)
-            }
-            ProgressEvent::DownloadFinished { bytes, elapsed, .. } => {
-                format!(
-                    "downloaded {} KiB in {:.1} s",
-                    bytes / 1024,
-                    elapsed.as_secs_f64()
-                )
-            }
-            ProgressEvent::DownloadFailed { url, reason, .. } => format!("{url}: {reason}"),
-            ProgressEvent::Extracting { path } => format!("extracting {}", path.display()),
-            ProgressEvent::Found { file, path } => format!("{file}: {}", path.display()),
-        };
+        let (text, _) = crate::status::progress_text(event);
         if self.0.is_hidden() {
             tracing::info!("symbols: {text}");
         } else {

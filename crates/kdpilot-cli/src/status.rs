@@ -270,10 +270,59 @@ impl StatusView {
         }
     }
 
+    /// A sink for symbol lookups and downloads: shown on the live line (downloads as lines
+    /// of their own when they start, finish or fail).
+    pub fn symbol_progress(&self) -> std::sync::Arc<dyn kdpilot_symbols::ProgressSink> {
+        std::sync::Arc::new(SymbolProgress(self.bar.clone()))
+    }
+
     /// Removes the live line.
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
+        }
+    }
+}
+
+/// Symbol progress on the live line, or as plain lines.
+struct SymbolProgress(Option<ProgressBar>);
+
+/// A symbol lookup or download in words, and whether it deserves a line of its own (a download
+/// starting, finishing or failing) rather than a status update.
+pub fn progress_text(event: &kdpilot_symbols::ProgressEvent) -> (String, bool) {
+    use kdpilot_symbols::ProgressEvent as E;
+    match event {
+        E::Lookup { file, key } => (format!("looking for {file} ({key})"), false),
+        E::DownloadStarted { url, .. } => (format!("downloading {url}"), true),
+        E::DownloadProgress { bytes, total, .. } => (
+            match total {
+                Some(t) => format!("downloading: {} of {} KiB", bytes / 1024, t / 1024),
+                None => format!("downloading: {} KiB", bytes / 1024),
+            },
+            false,
+        ),
+        E::DownloadFinished { bytes, elapsed, .. } => (
+            format!(
+                "downloaded {} KiB in {:.1} s",
+                bytes / 1024,
+                elapsed.as_secs_f64()
+            ),
+            true,
+        ),
+        E::DownloadFailed { url, reason, .. } => (format!("{url}: {reason}"), true),
+        E::Extracting { path } => (format!("extracting {}", path.display()), false),
+        E::Found { file, path } => (format!("{file}: {}", path.display()), false),
+    }
+}
+
+impl kdpilot_symbols::ProgressSink for SymbolProgress {
+    fn event(&self, event: &kdpilot_symbols::ProgressEvent) {
+        let (text, line) = progress_text(event);
+        match &self.0 {
+            Some(bar) if line => bar.println(format!("kdpilot: symbols: {text}")),
+            Some(bar) => bar.set_message(format!("symbols: {text}")),
+            None if line => eprintln!("kdpilot: symbols: {text}"),
+            None => tracing::info!("symbols: {text}"),
         }
     }
 }
