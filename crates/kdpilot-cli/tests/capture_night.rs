@@ -169,11 +169,17 @@ async fn serial_capture(
     let json = dir.path().join("serial.jsonl");
     let (machine, mut activity) = machine(flavour, model.seed, 30.0);
     activity.reboot_every_hits = reboot_every;
+    // A noisy line takes minutes (about 50 s to arm, 5 to 20 s a hit), more on a busy machine.
+    let limit = if model.corrupt_rate > 0.0 {
+        LIMIT * 2
+    } else {
+        LIMIT
+    };
     let (pty, done, task) = serve_pty(machine, activity, model);
     let target = format!("com:port={pty},baud=19200");
     let max = hits.to_string();
     let out = tokio::time::timeout(
-        LIMIT,
+        limit,
         capture_cmd(&target, flavour, &log, &["--max-hits", &max, "--quiet"]).output(),
     )
     .await
