@@ -1372,8 +1372,15 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
         // Another processor may have hit the breakpoint while the target was stopped: its
         // report comes right after the resume, and with no debugger left to answer it the
         // machine would wait forever. Resume such stops until the line stays quiet.
+        // On a damaged line a stop can take seconds to come through, and a break-in byte sent
+        // twice (the first stop's report arrived damaged) breaks in again after the resume.
+        let quiet = if self.stats().frame_errors > 0 {
+            Duration::from_secs(4)
+        } else {
+            Duration::from_secs(1)
+        };
         for _ in 0..8 {
-            match running.wait_stop(Duration::from_secs(1)).await? {
+            match running.wait_stop(quiet).await? {
                 WaitOutcome::StillRunning(_) => break,
                 WaitOutcome::Stopped(s) => {
                     let st = s.state();
