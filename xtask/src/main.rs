@@ -8,6 +8,7 @@ use std::process::ExitCode;
 mod bench_report;
 mod fixtures;
 mod fuzz;
+mod soak;
 mod windows;
 
 /// A subcommand: its name, a one-line description, and its entry point, which gets the
@@ -34,6 +35,11 @@ const COMMANDS: &[Command] = &[
         name: "fuzz",
         about: fuzz::ABOUT,
         run: fuzz::run,
+    },
+    Command {
+        name: "soak",
+        about: soak::ABOUT,
+        run: soak::run,
     },
     Command {
         name: "windows-check",
