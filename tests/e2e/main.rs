@@ -4,4 +4,5 @@
 mod capture;
 mod client_sim;
 mod support;
+mod symbol_trouble;
 mod workload;
