@@ -86,6 +86,11 @@ pub struct Running<S> {
     probe_after: Duration,
     /// Continues sent again for `last_stop` (bounded).
     continues_resent: u32,
+    /// A RESET went out because of silence, and nothing was heard since.
+    probed: bool,
+    /// A break-in byte went out since the continue: a stop that looks like `last_stop` may be
+    /// a new one (a break-in lands where the last one did).
+    broke_in: bool,
 }
 
 /// Silence after a continue that makes the host ask whether the target really runs, at first;
@@ -571,6 +576,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stopped<S> {
             quiet_since: Instant::now(),
             probe_after: PROBE_FIRST,
             continues_resent: 0,
+            probed: false,
+            broke_in: false,
         })
     }
 
@@ -588,6 +595,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stopped<S> {
             quiet_since: Instant::now(),
             probe_after: PROBE_FIRST,
             continues_resent: 0,
+            probed: false,
+            broke_in: false,
         })
     }
 }
@@ -630,9 +639,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Running<S> {
     /// ACK it and drop it (kd-protocol.md), and the target then waits in the stop while the
     /// host waits for the next one. So after a continue, silence is questioned: after 2 s
     /// (doubling up to a minute while the silence lasts) one RESET goes out, which a running
-    /// target ignores and a stopped one answers by sending its stop again. If that stop is,
-    /// byte for byte, the one we continued from, the continue never arrived: it is sent again
-    /// (at most 3 times per stop) and the caller never sees the repeat.
+    /// target ignores and a stopped one answers by sending its stop again. If the answer to
+    /// that RESET is, byte for byte, the stop we continued from (and no break-in byte went
+    /// out, which could make a new stop at the same place), the continue never arrived: it is
+    /// sent again (at most 3 times per stop) and the caller never sees the repeat.
     pub async fn wait_stop(mut self, timeout: Duration) -> Result<WaitOutcome<S>, KdError> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -655,15 +665,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Running<S> {
                     .await?;
                 self.quiet_since = Instant::now();
                 self.probe_after = (self.probe_after * 2).min(PROBE_MAX);
+                self.probed = true;
                 continue;
             };
             self.quiet_since = Instant::now();
+            let probed = std::mem::take(&mut self.probed);
             match rx {
-                Received::Reset => self.conn.config.sink.emit(ClientEvent::Resynchronised),
+                Received::Reset => {
+                    // The target's answer to our RESET: its stop, if any, comes next.
+                    self.probed = probed;
+                    self.conn.config.sink.emit(ClientEvent::Resynchronised)
+                }
                 Received::Packet(p) if p.packet_type == packet_type::KD_STATE_CHANGE64 => {
                     let state = StateChange::parse(&p.payload)?;
                     let repeat = self.last_stop.as_deref() == Some(&p.payload[..]);
-                    if repeat && self.continues_resent < 3 {
+                    if repeat && probed && !self.broke_in && self.continues_resent < 3 {
                         if let Some(m) = self.last_continue.clone() {
                             self.continues_resent += 1;
                             tracing::warn!(
@@ -722,6 +738,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Running<S> {
                     .await?;
             }
             round += 1;
+            self.broke_in = true;
             self.conn.link.send_break_in().await?;
             let wait = every
                 .max(Duration::from_secs(1))
