@@ -3,5 +3,7 @@
 
 mod capture;
 mod client_sim;
+mod line_damage;
 mod support;
+mod symbol_trouble;
 mod workload;

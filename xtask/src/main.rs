@@ -9,6 +9,7 @@ mod bench;
 mod bench_report;
 mod fixtures;
 mod fuzz;
+mod soak;
 mod windows;
 
 /// A subcommand: its name, a one-line description, and its entry point, which gets the
@@ -40,6 +41,11 @@ const COMMANDS: &[Command] = &[
         name: "fuzz",
         about: fuzz::ABOUT,
         run: fuzz::run,
+    },
+    Command {
+        name: "soak",
+        about: soak::ABOUT,
+        run: soak::run,
     },
     Command {
         name: "windows-check",

@@ -1165,7 +1165,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
         let arch = s.arch();
         if self.context_ex != Some(false) {
             let range = hit_registers(arch);
-            match s.request(&GetContextEx { range }).await {
+            match s.request_verified(&GetContextEx { range }).await {
                 Ok(part) if part.bytes.len() == range.byte_count as usize => {
                     self.context_ex = Some(true);
                     let mut ctx = Context::zeroed(arch);
@@ -1184,7 +1184,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(s.request(&GetContext).await?)
+        Ok(s.request_verified(&GetContext).await?)
     }
 
     /// Moves the program counter (SetContextEx where the target has it, else SetContext of the

@@ -152,9 +152,10 @@ pub fn report(error: &anyhow::Error) -> ExitCode {
 
 /// Writes the error message and its cause chain.
 fn write_chain(out: &mut impl Write, error: &anyhow::Error) -> io::Result<()> {
-    writeln!(out, "kdpilot: error: {error}")?;
+    let safe = |s: String| crate::output::terminal_safe(&s).into_owned();
+    writeln!(out, "kdpilot: error: {}", safe(error.to_string()))?;
     for cause in error.chain().skip(1) {
-        writeln!(out, "  caused by: {cause}")?;
+        writeln!(out, "  caused by: {}", safe(cause.to_string()))?;
     }
     Ok(())
 }

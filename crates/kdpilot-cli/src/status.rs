@@ -114,6 +114,7 @@ impl StatusView {
 
     /// Prints a line above the status line (or as a plain line).
     pub fn println(&self, line: &str) {
+        let line = crate::output::terminal_safe(line);
         match &self.bar {
             Some(bar) => bar.println(format!("kdpilot: {line}")),
             None => eprintln!("kdpilot: {line}"),
@@ -185,6 +186,8 @@ impl StatusView {
             CaptureEvent::LinkLost { reason, .. } => {
                 self.snap.link = "lost";
                 self.snap.last_event = "link lost".into();
+                // The KD client's reason often starts with the same words.
+                let reason = reason.strip_prefix("link lost: ").unwrap_or(reason);
                 Some(format!("link lost: {reason}; reconnecting"))
             }
             CaptureEvent::Status(s) => {
@@ -260,11 +263,16 @@ impl StatusView {
 
     fn draw(&mut self, now: Instant) {
         match &self.bar {
-            Some(bar) => bar.set_message(render(&self.snap)),
+            Some(bar) => {
+                bar.set_message(crate::output::terminal_safe(&render(&self.snap)).into_owned())
+            }
             None => {
                 if now.duration_since(self.last_summary) >= Duration::from_secs(60) {
                     self.last_summary = now;
-                    eprintln!("kdpilot: status: {}", render(&self.snap));
+                    eprintln!(
+                        "kdpilot: status: {}",
+                        crate::output::terminal_safe(&render(&self.snap))
+                    );
                 }
             }
         }

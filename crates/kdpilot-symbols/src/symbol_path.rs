@@ -160,6 +160,34 @@ impl SymbolPath {
         })
     }
 
+    /// Every server URL, in order.
+    pub fn urls(&self) -> impl Iterator<Item = &String> {
+        self.entries.iter().flat_map(|e| match e {
+            SymbolPathEntry::Server { urls, .. } => urls.as_slice(),
+            _ => &[],
+        })
+    }
+
+    /// The same path without the servers in `skip` (stores and directories stay, so a chain
+    /// whose servers are all skipped is still searched as a local store).
+    pub fn without_urls(&self, skip: &[String]) -> SymbolPath {
+        let entries = self
+            .entries
+            .iter()
+            .map(|e| match e {
+                SymbolPathEntry::Server { stores, urls } => SymbolPathEntry::Server {
+                    stores: stores.clone(),
+                    urls: urls.iter().filter(|u| !skip.contains(u)).cloned().collect(),
+                },
+                other => other.clone(),
+            })
+            .collect();
+        SymbolPath {
+            text: self.text.clone(),
+            entries,
+        }
+    }
+
     /// The same path in symsrv's terms.
     #[cfg(feature = "store")]
     pub(crate) fn to_symsrv(&self) -> Vec<symsrv::NtSymbolPathEntry> {

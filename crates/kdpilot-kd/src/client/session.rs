@@ -78,7 +78,25 @@ pub struct Running<S> {
     conn: Connection<S>,
     /// Payload of the state change we last continued from (to spot a resend of it).
     last_stop: Option<Vec<u8>>,
+    /// The continue that left `last_stop`: sent again when the target turns out to be still
+    /// in that stop (see [`Running::wait_stop`]).
+    last_continue: Option<Manipulate>,
+    /// Since when the target has said nothing, and how much more silence makes us ask.
+    quiet_since: Instant,
+    probe_after: Duration,
+    /// Continues sent again for `last_stop` (bounded).
+    continues_resent: u32,
+    /// A RESET went out because of silence, and nothing was heard since.
+    probed: bool,
+    /// A break-in byte went out since the continue: a stop that looks like `last_stop` may be
+    /// a new one (a break-in lands where the last one did).
+    broke_in: bool,
 }
+
+/// Silence after a continue that makes the host ask whether the target really runs, at first;
+/// it doubles up to [`PROBE_MAX`] while the target stays silent.
+const PROBE_FIRST: Duration = Duration::from_secs(2);
+const PROBE_MAX: Duration = Duration::from_secs(60);
 
 /// Result of [`Running::wait_stop`].
 #[derive(Debug)]
@@ -229,6 +247,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stopped<S> {
     pub async fn request<A: Api>(&mut self, req: &A) -> Result<A::Reply, KdError> {
         let cpu = self.state.processor;
         self.request_on(cpu, req).await
+    }
+
+    /// Sends a request that reads (registers, memory, control space) and returns its reply; on
+    /// a line that showed damage recently, asks again until two replies agree, as memory reads
+    /// do. The byte-sum checksum passes compensating errors: a register taken from such a
+    /// reply puts a hit's stack in the wrong place, or its tag argument makes the hit look like
+    /// another tag's.
+    pub async fn request_verified<A: Api>(&mut self, req: &A) -> Result<A::Reply, KdError>
+    where
+        A::Reply: PartialEq,
+    {
+        let first = self.request(req).await?;
+        if !self.line_is_noisy() {
+            return Ok(first);
+        }
+        let mut prev = first;
+        for _ in 0..6 {
+            let next = self.request(req).await?;
+            if next == prev {
+                return Ok(next);
+            }
+            tracing::debug!(
+                api = api::number::name(A::NUMBER),
+                "two replies disagree: damage passed the checksum"
+            );
+            self.conn.link.sink().emit(ClientEvent::FrameError(
+                "a reply passed the checksum damaged".into(),
+            ));
+            prev = next;
+        }
+        Err(KdError::ReplyLost {
+            api: api::number::name(A::NUMBER),
+        })
     }
 
     /// Sends one request to `processor` and returns its decoded reply, retrying a reply that
@@ -523,28 +574,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stopped<S> {
 
     async fn resume_with(mut self, mut m: Manipulate) -> Result<Running<S>, KdError> {
         m.processor = self.state.processor;
-        match self
-            .conn
-            .link
-            .send(packet_type::KD_STATE_MANIPULATE, m.encode(), None)
-            .await
-        {
-            Ok(()) => {}
-            // A continue has no reply, and a target that got it runs and only polls for the
-            // break-in byte: if its ACK was lost on the line, our copies are never ACKed. Take
-            // the target as running; if it did not get the continue after all, it is silent
-            // and stopped, and `Running::break_in` finds it with a RESET (kd-protocol.md 9).
-            Err(KdError::Timeout { .. }) => {
-                tracing::warn!("no ACK for the continue: assuming the target runs");
-                self.conn.config.sink.emit(ClientEvent::FrameError(
-                    "continue not acknowledged; assuming the target runs".into(),
-                ));
-            }
-            Err(e) => return Err(e),
-        }
+        send_continue(&mut self.conn, &m).await?;
         Ok(Running {
             conn: self.conn,
             last_stop: Some(self.raw),
+            last_continue: Some(m),
+            quiet_since: Instant::now(),
+            probe_after: PROBE_FIRST,
+            continues_resent: 0,
+            probed: false,
+            broke_in: false,
         })
     }
 
@@ -558,7 +597,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stopped<S> {
         Ok(Running {
             conn: self.conn,
             last_stop: None,
+            last_continue: None,
+            quiet_since: Instant::now(),
+            probe_after: PROBE_FIRST,
+            continues_resent: 0,
+            probed: false,
+            broke_in: false,
         })
+    }
+}
+
+/// Sends a continue. A continue has no reply, and a target that got it runs and only polls for
+/// the break-in byte: if its ACK was lost on the line, our copies are never ACKed. Take the
+/// target as running; if it did not get the continue after all, it is stopped and silent, and
+/// [`Running::wait_stop`] finds out (kd-protocol.md).
+async fn send_continue<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    m: &Manipulate,
+) -> Result<(), KdError> {
+    match conn
+        .link
+        .send(packet_type::KD_STATE_MANIPULATE, m.encode(), None)
+        .await
+    {
+        Ok(()) => Ok(()),
+        Err(KdError::Timeout { .. }) => {
+            tracing::warn!("no ACK for the continue: assuming the target runs");
+            conn.config.sink.emit(ClientEvent::FrameError(
+                "continue not acknowledged; assuming the target runs".into(),
+            ));
+            Ok(())
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -570,17 +640,67 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Running<S> {
 
     /// Waits up to `timeout` for the target to report a stop, handling prints, prompts and file
     /// requests on the way.
+    ///
+    /// A continue can be lost without the host knowing: a damaged packet type makes the target
+    /// ACK it and drop it (kd-protocol.md), and the target then waits in the stop while the
+    /// host waits for the next one. So after a continue, silence is questioned: after 2 s
+    /// (doubling up to a minute while the silence lasts) one RESET goes out, which a running
+    /// target ignores and a stopped one answers by sending its stop again. If the answer to
+    /// that RESET is, byte for byte, the stop we continued from (and no break-in byte went
+    /// out, which could make a new stop at the same place), the continue never arrived: it is
+    /// sent again (at most 3 times per stop) and the caller never sees the repeat.
     pub async fn wait_stop(mut self, timeout: Duration) -> Result<WaitOutcome<S>, KdError> {
         let deadline = Instant::now() + timeout;
         loop {
-            let Some(rx) = self.conn.link.recv(deadline).await? else {
-                return Ok(WaitOutcome::StillRunning(self));
+            let probe_at = self.quiet_since + self.probe_after;
+            let until = match &self.last_continue {
+                Some(_) => deadline.min(probe_at),
+                None => deadline,
             };
+            let Some(rx) = self.conn.link.recv(until).await? else {
+                if Instant::now() >= deadline {
+                    return Ok(WaitOutcome::StillRunning(self));
+                }
+                tracing::debug!(
+                    silent = ?self.quiet_since.elapsed(),
+                    "no word since the continue: RESET, in case the target never got it"
+                );
+                self.conn
+                    .link
+                    .send_control(crate::wire::Packet::reset())
+                    .await?;
+                self.quiet_since = Instant::now();
+                self.probe_after = (self.probe_after * 2).min(PROBE_MAX);
+                self.probed = true;
+                continue;
+            };
+            self.quiet_since = Instant::now();
+            let probed = std::mem::take(&mut self.probed);
             match rx {
-                Received::Reset => self.conn.config.sink.emit(ClientEvent::Resynchronised),
+                Received::Reset => {
+                    // The target's answer to our RESET: its stop, if any, comes next.
+                    self.probed = probed;
+                    self.conn.config.sink.emit(ClientEvent::Resynchronised)
+                }
                 Received::Packet(p) if p.packet_type == packet_type::KD_STATE_CHANGE64 => {
                     let state = StateChange::parse(&p.payload)?;
-                    if self.last_stop.as_deref() == Some(&p.payload[..]) {
+                    let repeat = self.last_stop.as_deref() == Some(&p.payload[..]);
+                    if repeat && probed && !self.broke_in && self.continues_resent < 3 {
+                        if let Some(m) = self.last_continue.clone() {
+                            self.continues_resent += 1;
+                            tracing::warn!(
+                                pc = format_args!("{:#x}", state.program_counter),
+                                "the target is still in the stop we continued from: the continue was lost; sending it again"
+                            );
+                            self.conn.config.sink.emit(ClientEvent::FrameError(
+                                "a continue was lost on the line; sent again".into(),
+                            ));
+                            send_continue(&mut self.conn, &m).await?;
+                            self.probe_after = PROBE_FIRST;
+                            continue;
+                        }
+                    }
+                    if repeat {
                         tracing::debug!("the stop we continued from was reported again");
                     }
                     tracing::debug!(
@@ -624,6 +744,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Running<S> {
                     .await?;
             }
             round += 1;
+            self.broke_in = true;
             self.conn.link.send_break_in().await?;
             let wait = every
                 .max(Duration::from_secs(1))

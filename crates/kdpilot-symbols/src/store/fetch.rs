@@ -29,13 +29,7 @@ pub(crate) struct Fetcher {
     client: Result<reqwest::Client, String>,
 }
 
-/// `name` with its last character replaced by `_` (`leakydrv.sys` -> `leakydrv.sy_`).
-fn compressed_name(name: &str) -> String {
-    let mut s: String = name.to_string();
-    s.pop();
-    s.push('_');
-    s
-}
+use super::health::compressed_name;
 
 fn temp_next_to(dest: &Path) -> PathBuf {
     let n = NEXT_TEMP.fetch_add(1, Ordering::Relaxed);
@@ -169,6 +163,7 @@ impl Fetcher {
                             r.map_err(|e| {
                                 FetchError::Failed(format!("{}: {e}", cab_dest.display()))
                             })?;
+                            observer.note_created(&dest);
                             return Ok(dest);
                         }
                     }
@@ -266,6 +261,7 @@ impl Fetcher {
         match result.and_then(|()| std::fs::rename(&tmp, dest).map_err(|e| e.to_string())) {
             Ok(()) => {
                 partial.1 = true;
+                observer.note_created(dest);
                 observer.emit(ProgressEvent::DownloadFinished {
                     id,
                     bytes,

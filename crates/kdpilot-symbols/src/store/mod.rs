@@ -2,7 +2,7 @@
 //! symsrv: HTTP, CAB-compressed `.pd_`, the standard `name/KEY/name` cache layout WinDbg
 //! shares). Every file is checked against the identity the target's memory gave before use.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,6 +14,7 @@ use crate::pe::PeFile;
 use crate::symbol_path::{SymbolPath, MICROSOFT_SYMBOL_SERVER};
 
 mod fetch;
+mod health;
 
 /// Something a lookup did, for the caller's progress display.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,6 +91,16 @@ pub struct StoreOptions {
     pub stall_timeout: Duration,
     /// No single lookup takes longer than this.
     pub total_timeout: Duration,
+    /// A download slower than this (bytes per second, measured over `stall_timeout`) is
+    /// abandoned like a stalled one: a server that trickles costs one stall window, not the
+    /// total limit.
+    pub min_rate: u64,
+    /// A server that failed (unreachable, an error status, a stalled or trickling download) is
+    /// not asked again for this long, and a file that could not be had is not downloaded again
+    /// for this long (the local stores are still searched). A night of reboots looks every
+    /// module up again at each boot; this keeps a bad server from costing its timeouts each
+    /// time.
+    pub server_cooldown: Duration,
 }
 
 impl Default for StoreOptions {
@@ -99,12 +110,14 @@ impl Default for StoreOptions {
             offline: false,
             stall_timeout: Duration::from_secs(30),
             total_timeout: Duration::from_secs(15 * 60),
+            min_rate: 2048,
+            server_cooldown: Duration::from_secs(10 * 60),
         }
     }
 }
 
 /// Why a file was not had.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// Not in any store, directory or server of the symbol path.
     #[error("{file} ({key}) not found in symbol path {path:?}{detail}; {hint}")]
@@ -135,8 +148,8 @@ pub enum StoreError {
         file: String,
         /// How long it ran.
         after: Duration,
-        /// Stalled or over the total limit.
-        why: &'static str,
+        /// Stalled, too slow, or over the total limit.
+        why: String,
     },
     /// The file was found but could not be read or parsed.
     #[error("cannot use {path}: {detail}", path = .path.display())]
@@ -161,6 +174,12 @@ struct ObserverState {
     urls: HashMap<u64, String>,
     failures: Vec<(String, String)>,
     last_activity: Option<Instant>,
+    /// Bytes so far of each download in progress, and of all downloads since the window began.
+    bytes: HashMap<u64, u64>,
+    window: Option<(Instant, u64)>,
+    received: u64,
+    /// Files symsrv or the fetcher created in a store (downloaded, extracted, copied).
+    created: HashSet<PathBuf>,
 }
 
 /// symsrv's observer, turned into [`ProgressEvent`]s plus what the watchdog and the error
@@ -204,6 +223,7 @@ impl Observer {
     fn note_failure(&self, id: u64, url: &str, reason: &str) {
         self.with_state(|s| {
             s.urls.remove(&id);
+            s.bytes.remove(&id);
             if !reason.contains("404") {
                 s.failures.push((url.to_string(), reason.to_string()));
             }
@@ -216,17 +236,96 @@ impl Observer {
     }
 
     fn emit_progress(&self, id: u64, bytes: u64, total: Option<u64>) {
-        self.with_state(|_| ());
+        self.with_state(|s| s.count_bytes(id, bytes));
         self.emit(ProgressEvent::DownloadProgress { id, bytes, total });
     }
 
-    /// Failures whose URL contains `needle`.
-    fn failures_for(&self, needle: &str) -> Vec<String> {
+    /// A file now in a store that this process put there.
+    fn note_created(&self, path: &Path) {
+        self.with_state(|s| s.created.insert(path.to_path_buf()));
+    }
+
+    /// Forgets and returns the files created for `name/key`.
+    fn take_created_for(&self, name: &str, key: &str) -> Vec<PathBuf> {
+        let dir = Path::new(name).join(key);
+        self.with_state(|s| {
+            let mine: Vec<PathBuf> = s
+                .created
+                .iter()
+                .filter(|p| p.parent().is_some_and(|d| d.ends_with(&dir)))
+                .cloned()
+                .collect();
+            for p in &mine {
+                s.created.remove(p);
+            }
+            mine
+        })
+    }
+
+    /// Whether `path` was created by this process (and forgets it).
+    fn take_created(&self, path: &Path) -> bool {
+        self.with_state(|s| s.created.remove(path))
+    }
+
+    /// A new lookup of the files whose URLs contain `needle`: the throughput window starts
+    /// now, and their old failures are forgotten.
+    fn begin_lookup(&self, needle: &str) {
+        self.with_state(|s| {
+            s.window = Some((Instant::now(), s.received));
+            s.failures.retain(|(u, _)| !u.contains(needle));
+            // Bounded over a night of lookups.
+            if s.failures.len() > 1024 {
+                s.failures.drain(..512);
+            }
+            if s.created.len() > 4096 {
+                s.created.clear();
+            }
+        });
+    }
+
+    /// Whether downloads are running slower than `min_rate` bytes per second over the last
+    /// `window`; starts a new window each time one is complete.
+    fn too_slow(&self, window: Duration, min_rate: u64) -> Option<String> {
+        let mut guard = match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let now = Instant::now();
+        let received = guard.received;
+        let (since, at) = *guard.window.get_or_insert((now, received));
+        if now.duration_since(since) < window {
+            return None;
+        }
+        let got = guard.received - at;
+        let active = !guard.urls.is_empty();
+        guard.window = Some((now, guard.received));
+        let want = (min_rate as f64 * window.as_secs_f64()) as u64;
+        (active && got < want).then(|| {
+            format!(
+                "{got} bytes in {:.0} s, slower than {min_rate} bytes/s",
+                window.as_secs_f64()
+            )
+        })
+    }
+
+    /// URLs of downloads in progress whose URL contains `needle`.
+    fn in_flight_for(&self, needle: &str) -> Vec<String> {
+        self.with_state(|s| {
+            s.urls
+                .values()
+                .filter(|u| u.contains(needle))
+                .cloned()
+                .collect()
+        })
+    }
+
+    /// Failures (URL, reason) whose URL contains `needle`.
+    fn failures_for(&self, needle: &str) -> Vec<(String, String)> {
         self.with_state(|s| {
             s.failures
                 .iter()
                 .filter(|(u, _)| u.contains(needle))
-                .map(|(u, r)| format!("{u}: {r}"))
+                .cloned()
                 .collect()
         })
     }
@@ -245,16 +344,20 @@ impl symsrv::SymsrvObserver for Observer {
         self.with_state(|_| ());
     }
     fn on_download_progress(&self, id: u64, bytes: u64, total: Option<u64>) {
-        self.with_state(|_| ());
+        self.with_state(|s| s.count_bytes(id, bytes));
         self.emit(ProgressEvent::DownloadProgress { id, bytes, total });
     }
     fn on_download_completed(&self, id: u64, bytes: u64, _headers: Duration, elapsed: Duration) {
-        self.with_state(|s| s.urls.remove(&id));
+        self.with_state(|s| {
+            s.urls.remove(&id);
+            s.bytes.remove(&id);
+        });
         self.emit(ProgressEvent::DownloadFinished { id, bytes, elapsed });
     }
     fn on_download_failed(&self, id: u64, reason: symsrv::DownloadError) {
         let reason = reason.to_string();
         let url = self.with_state(|s| {
+            s.bytes.remove(&id);
             let url = s.urls.remove(&id).unwrap_or_default();
             if !reason.contains("404") {
                 s.failures.push((url.clone(), reason.clone()));
@@ -265,7 +368,10 @@ impl symsrv::SymsrvObserver for Observer {
         self.emit(ProgressEvent::DownloadFailed { id, url, reason });
     }
     fn on_download_canceled(&self, id: u64) {
-        self.with_state(|s| s.urls.remove(&id));
+        self.with_state(|s| {
+            s.urls.remove(&id);
+            s.bytes.remove(&id);
+        });
     }
     fn on_new_cab_extraction(&self, _id: u64, dest: &Path) {
         self.with_state(|_| ());
@@ -284,18 +390,50 @@ impl symsrv::SymsrvObserver for Observer {
         self.with_state(|s| s.failures.push(("cab".into(), r)));
     }
     fn on_cab_extraction_canceled(&self, _id: u64) {}
-    fn on_file_created(&self, _path: &Path, _size: u64) {}
+    fn on_file_created(&self, path: &Path, _size: u64) {
+        self.note_created(path);
+    }
     fn on_file_accessed(&self, _path: &Path) {}
     fn on_file_missed(&self, _path: &Path) {}
+}
+
+impl ObserverState {
+    fn count_bytes(&mut self, id: u64, bytes: u64) {
+        let before = self.bytes.insert(id, bytes).unwrap_or(0);
+        self.received += bytes.saturating_sub(before);
+    }
+}
+
+/// The symbol path as lookups use it now (without the servers that are down), and its
+/// downloader.
+struct View {
+    path: SymbolPath,
+    downloader: symsrv::SymsrvDownloader,
+    /// The servers left out, and why.
+    skipped: Vec<(String, health::Down)>,
+}
+
+fn downloader(
+    path: &SymbolPath,
+    options: &StoreOptions,
+    observer: &Arc<Observer>,
+) -> symsrv::SymsrvDownloader {
+    let mut d = symsrv::SymsrvDownloader::new(path.to_symsrv());
+    d.set_default_downstream_store(options.default_downstream.clone());
+    d.set_observer(Some(observer.clone()));
+    d
 }
 
 /// Finds PDBs and images along a [`SymbolPath`].
 pub struct SymbolStore {
     path: SymbolPath,
     options: StoreOptions,
-    downloader: symsrv::SymsrvDownloader,
     fetcher: fetch::Fetcher,
     observer: Arc<Observer>,
+    /// The whole path; and the path without the servers that are down, while some are.
+    full: Arc<View>,
+    reduced: Mutex<Option<Arc<View>>>,
+    health: Mutex<health::Health>,
 }
 
 impl std::fmt::Debug for SymbolStore {
@@ -327,9 +465,11 @@ impl SymbolStore {
             sink: progress,
             state: Mutex::new(ObserverState::default()),
         });
-        let mut downloader = symsrv::SymsrvDownloader::new(path.to_symsrv());
-        downloader.set_default_downstream_store(options.default_downstream.clone());
-        downloader.set_observer(Some(observer.clone()));
+        let full = Arc::new(View {
+            downloader: downloader(&path, &options, &observer),
+            path: path.clone(),
+            skipped: Vec::new(),
+        });
         let fetcher = fetch::Fetcher::new(
             options.stall_timeout.min(Duration::from_secs(30)),
             options.stall_timeout,
@@ -337,9 +477,11 @@ impl SymbolStore {
         SymbolStore {
             path,
             options,
-            downloader,
             fetcher,
             observer,
+            full,
+            reduced: Mutex::new(None),
+            health: Mutex::new(health::Health::default()),
         }
     }
 
@@ -381,7 +523,10 @@ impl SymbolStore {
             Err(e @ StoreError::NotFound { .. }) => return Err(flat_mismatch.unwrap_or(e)),
             Err(e) => return Err(e),
         };
-        let symbols = load_pdb(path.clone(), id.clone()).await?;
+        let symbols = match load_pdb(path.clone(), id.clone()).await {
+            Ok(s) => s,
+            Err(e) => return Err(self.refuse(&id.name, &key, &path, e)),
+        };
         self.found(&id.name, &path);
         Ok((path, symbols))
     }
@@ -403,7 +548,10 @@ impl SymbolStore {
             }
         }
         let path = self.fetch(&id.name, &key).await?;
-        let image = load_image(&path, id).await?;
+        let image = match load_image(&path, id).await {
+            Ok(i) => i,
+            Err(e) => return Err(self.refuse(&id.name, &key, &path, e)),
+        };
         self.found(&id.name, &path);
         Ok((path, image))
     }
@@ -415,14 +563,183 @@ impl SymbolStore {
         });
     }
 
-    /// Gets `name/key/name` through symsrv, under the watchdog.
+    /// A file the lookup found is unusable or not the one asked for. If this process just
+    /// downloaded it, it is removed from the store (with its compressed form), so the cache
+    /// never keeps a corrupt or wrong file under the right key; either way the failure is
+    /// remembered for the cooldown.
+    fn refuse(&self, name: &str, key: &str, path: &Path, e: StoreError) -> StoreError {
+        let mut e = e;
+        if self.observer.take_created(path) {
+            let removed = std::fs::remove_file(path).is_ok();
+            let packed = path.with_file_name(health::compressed_name(name));
+            if self.observer.take_created(&packed) {
+                let _ = std::fs::remove_file(&packed);
+            }
+            if removed {
+                let note = "; it was downloaded just now and has been removed from the cache";
+                match &mut e {
+                    StoreError::Mismatch { detail, .. } | StoreError::Unusable { detail, .. } => {
+                        detail.push_str(note)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if !self.options.offline {
+            self.remember(name, key, &e);
+        }
+        e
+    }
+
+    fn remember(&self, name: &str, key: &str, e: &StoreError) {
+        let until = Instant::now() + self.options.server_cooldown;
+        lock(&self.health).remember(name, key, e, until);
+    }
+
+    /// The path lookups use now: the whole path, or the path without the servers that are
+    /// down.
+    fn view(&self) -> Arc<View> {
+        let down = lock(&self.health).down_now(Instant::now());
+        if down.is_empty() {
+            return self.full.clone();
+        }
+        let mut reduced = lock(&self.reduced);
+        let same = reduced.as_ref().is_some_and(|v| {
+            v.skipped.len() == down.len() && v.skipped.iter().zip(&down).all(|(a, b)| a.0 == b.0)
+        });
+        if !same {
+            let skip: Vec<String> = down.iter().map(|(u, _)| u.clone()).collect();
+            let path = self.path.without_urls(&skip);
+            *reduced = Some(Arc::new(View {
+                downloader: downloader(&path, &self.options, &self.observer),
+                path,
+                skipped: down,
+            }));
+        }
+        reduced.clone().unwrap_or_else(|| self.full.clone())
+    }
+
+    /// Takes the servers that `urls` (files' URLs) were asked from out of lookups.
+    fn servers_failed(&self, view: &View, urls: &[(String, String)]) {
+        let now = Instant::now();
+        let mut h = lock(&self.health);
+        for (url, why) in urls {
+            if let Some(server) = health::server_of(&view.path, url) {
+                h.mark_down(server, why.clone(), now, self.options.server_cooldown);
+            }
+        }
+    }
+
+    /// Gets `name/key/name` through symsrv, under the watchdog. A file that failed recently
+    /// is looked for in the local stores only; servers that are down are skipped.
     async fn fetch(&self, name: &str, key: &str) -> Result<PathBuf, StoreError> {
+        let remembered = lock(&self.health).failure(name, key, Instant::now());
+        if let Some(e) = remembered {
+            return match self.lookup(&self.full, name, key, true).await {
+                Ok(p) => Ok(p),
+                Err(_) => Err(e),
+            };
+        }
+        let view = self.view();
+        let offline = self.options.offline || !view.path.has_servers();
+        let needle = format!("{name}/{key}/");
+        let result = self.lookup(&view, name, key, offline).await;
+        if result.is_err() && !offline {
+            // A lookup that failed after writing something (a CAB downloaded but not
+            // extracted, a partial file, symsrv's lock files) leaves nothing in the store.
+            for p in self.observer.take_created_for(name, key) {
+                let _ = std::fs::remove_file(&p);
+            }
+            let roots =
+                health::download_roots(&self.path, self.options.default_downstream.as_deref());
+            for p in health::remove_partials(&roots, name, key) {
+                tracing::debug!(path = %p.display(), "removed what a failed download left");
+            }
+        }
+        match result {
+            Ok(p) => Ok(p),
+            Err(StoreError::Timeout { file, after, why }) => {
+                // The servers of the downloads that were in flight stalled (or, if none was,
+                // the connection never came up): out of lookups for the cooldown.
+                let mut stuck: Vec<(String, String)> = self
+                    .observer
+                    .in_flight_for(&needle)
+                    .into_iter()
+                    .map(|u| (u, format!("{why} after {after:.0?}")))
+                    .collect();
+                if stuck.is_empty() {
+                    stuck = view
+                        .path
+                        .urls()
+                        .map(|u| (u.clone(), format!("{why} after {after:.0?}")))
+                        .collect();
+                }
+                self.servers_failed(&view, &stuck);
+                let e = StoreError::Timeout { file, after, why };
+                self.remember(name, key, &e);
+                Err(e)
+            }
+            Err(StoreError::NotFound {
+                file,
+                key: k,
+                path,
+                detail,
+                hint,
+            }) => {
+                let failures = self.observer.failures_for(&needle);
+                self.servers_failed(&view, &failures);
+                let mut detail = detail;
+                if !view.skipped.is_empty() {
+                    let now = Instant::now();
+                    let skipped: Vec<String> = view
+                        .skipped
+                        .iter()
+                        .map(|(u, d)| {
+                            format!(
+                                "{u} not asked ({}; asked again in {} s)",
+                                d.why,
+                                d.until.saturating_duration_since(now).as_secs()
+                            )
+                        })
+                        .collect();
+                    detail.push_str(&format!(" ({})", skipped.join("; ")));
+                }
+                let e = StoreError::NotFound {
+                    file,
+                    key: k,
+                    path,
+                    detail,
+                    hint,
+                };
+                if !offline {
+                    self.remember(name, key, &e);
+                }
+                Err(e)
+            }
+            Err(e) => {
+                if !offline {
+                    self.remember(name, key, &e);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// One lookup along `view`'s path.
+    async fn lookup(
+        &self,
+        view: &View,
+        name: &str,
+        key: &str,
+        offline: bool,
+    ) -> Result<PathBuf, StoreError> {
         let start = Instant::now();
+        self.observer.begin_lookup(&format!("{name}/{key}/"));
         let lookup = async {
-            let r = if self.options.offline {
-                self.downloader.get_file_no_download(name, key).await
+            let r = if offline {
+                view.downloader.get_file_no_download(name, key).await
             } else {
-                self.downloader.get_file(name, key).await
+                view.downloader.get_file(name, key).await
             };
             match r {
                 // symsrv knows .exe/.dll/.pdb/.dbg only; drivers (.sys) and upper-case
@@ -431,9 +748,9 @@ impl SymbolStore {
                     match self
                         .fetcher
                         .get(
-                            &self.path,
+                            &view.path,
                             self.options.default_downstream.as_deref(),
-                            self.options.offline,
+                            offline,
                             name,
                             key,
                             &self.observer,
@@ -455,11 +772,17 @@ impl SymbolStore {
                 tokio::time::sleep(tick).await;
                 let now = Instant::now();
                 if now.duration_since(start) > self.options.total_timeout {
-                    return "over the total limit";
+                    return "over the total limit".to_string();
                 }
                 let last = self.observer.last_activity().unwrap_or(start).max(start);
                 if now.duration_since(last) > self.options.stall_timeout {
-                    return "no progress";
+                    return "no progress".to_string();
+                }
+                if let Some(slow) = self
+                    .observer
+                    .too_slow(self.options.stall_timeout, self.options.min_rate)
+                {
+                    return slow;
                 }
             }
         };
@@ -480,7 +803,9 @@ impl SymbolStore {
                 let detail = if failures.is_empty() {
                     String::new()
                 } else {
-                    format!(" (errors: {})", failures.join("; "))
+                    let shown: Vec<String> =
+                        failures.iter().map(|(u, r)| format!("{u}: {r}")).collect();
+                    format!(" (errors: {})", shown.join("; "))
                 };
                 let hint = if self.options.offline {
                     "offline mode searches local stores only: run once online to fill the cache"
@@ -489,6 +814,10 @@ impl SymbolStore {
                     format!(
                         "add a symbol server, e.g. --symbols \"srv*C:\\symbols*{MICROSOFT_SYMBOL_SERVER}\""
                     )
+                } else if !failures.is_empty() || !view.skipped.is_empty() {
+                    "the symbol server could not be reached or failed: check the URL, the network and any proxy; \
+                     frames in this module show as module+offset meanwhile"
+                        .to_string()
                 } else {
                     "the servers do not have it: is the file from a private build? add its folder to --symbols".to_string()
                 };
@@ -593,6 +922,13 @@ impl SymbolStore {
             path: PathBuf::from(&module.file_name),
             detail: "no usable image name".into(),
         }))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
     }
 }
 

@@ -29,6 +29,7 @@ fn lm_then_kb_through_a_symbol_server() {
             offline: false,
             stall_timeout: Duration::from_secs(10),
             total_timeout: Duration::from_secs(60),
+            ..StoreOptions::default()
         },
         None,
     );

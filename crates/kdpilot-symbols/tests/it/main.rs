@@ -6,6 +6,7 @@ mod http;
 mod module_walk;
 mod names;
 mod pe_pdb;
+mod server_trouble;
 mod stack_model;
 mod store;
 mod unwind;

@@ -22,7 +22,7 @@ impl ProgressSink for Events {
     }
 }
 
-fn ids(arch: &str, image: &str) -> (PdbId, ImageId) {
+pub fn ids(arch: &str, image: &str) -> (PdbId, ImageId) {
     let pe = PeFile::parse(fixture_bytes(arch, "classic", image)).unwrap();
     (
         pe.codeview().unwrap().pdb_id().unwrap(),
@@ -30,7 +30,7 @@ fn ids(arch: &str, image: &str) -> (PdbId, ImageId) {
     )
 }
 
-fn put(root: &Path, name: &str, key: &str, bytes: &[u8]) -> PathBuf {
+pub fn put(root: &Path, name: &str, key: &str, bytes: &[u8]) -> PathBuf {
     let dir = root.join(name).join(key);
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join(name);
@@ -86,6 +86,7 @@ fn store(path: &str, offline: bool, sink: Option<Arc<Events>>, stall: Duration) 
         offline,
         stall_timeout: stall,
         total_timeout: Duration::from_secs(60),
+        ..StoreOptions::default()
     };
     SymbolStore::new(
         SymbolPath::parse(path).unwrap(),
@@ -436,7 +437,7 @@ fn drivers_come_through_the_fallback_fetcher_plain_and_compressed() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
-fn walk(dir: &Path) -> Vec<PathBuf> {
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
