@@ -186,6 +186,8 @@ async fn capture(
         offline: true,
         max_hits: Some(hits),
         duration: Some(Duration::from_secs(90)),
+        hardware_breakpoint: true,
+        measure: false,
     };
     let mut capture = Capture::new(options, |e| events.push(e.clone())).unwrap();
     let n = capture

@@ -111,6 +111,8 @@ async fn a_capture_with_a_dead_symbol_server_records_module_offset_frames_and_sa
             offline: false,
             max_hits: Some(8),
             duration: Some(Duration::from_secs(100)),
+            hardware_breakpoint: true,
+            measure: false,
         };
         let mut capture =
             Capture::new(options, |e| events.push((started.elapsed(), e.clone()))).unwrap();
