@@ -69,14 +69,14 @@ impl<S> Damage<S> {
         match self.mode {
             Mode::ContinueType { every } if ptype == 2 && api == CONTINUE2 => {
                 self.seen += 1;
-                if self.seen % every != 0 {
+                if !self.seen.is_multiple_of(every) {
                     return None;
                 }
                 out[4] ^= 0x40;
             }
             Mode::ContextSum { every } if ptype == 2 && api == GET_CONTEXT_EX => {
                 self.seen += 1;
-                if self.seen % every != 0 {
+                if !self.seen.is_multiple_of(every) {
                     return None;
                 }
                 // The registers (Rax..Rip, 8 bytes each) start after the packet header (16)
