@@ -36,12 +36,20 @@ fn leftovers(cache: &Path) -> Vec<String> {
         .collect()
 }
 
-/// A loopback port nobody listens on.
+/// A loopback port nobody listens on. Port 1 (tcpmux, never served here) refuses at once; a
+/// port taken from the ephemeral range and released could be handed to another test's
+/// loopback server running in parallel (that made this test flaky).
 fn closed_port() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/", l.local_addr().unwrap());
-    drop(l);
-    url
+    let refused = std::net::TcpStream::connect_timeout(
+        &"127.0.0.1:1".parse().unwrap(),
+        Duration::from_millis(500),
+    )
+    .is_err();
+    assert!(
+        refused,
+        "something listens on 127.0.0.1:1; this test needs it closed"
+    );
+    "http://127.0.0.1:1/".to_string()
 }
 
 #[test]
