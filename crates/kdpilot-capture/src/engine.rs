@@ -479,7 +479,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                 }
             };
             let hits_before = self.hits;
-            let result = self.session(stopped, stop, reconnect).await;
+            let result = self.session(stopped, stop).await;
             self.stats_done = add_stats(&self.stats_done, &self.stats_now);
             self.stats_now = LinkStats::default();
             match result {
@@ -581,7 +581,6 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
         &mut self,
         stopped: Stopped<S>,
         stop: &AtomicBool,
-        reconnect: bool,
     ) -> Result<(), CaptureError> {
         if let Some(v) = stopped.version().cloned() {
             (self.emit)(&CaptureEvent::Connected {
@@ -591,7 +590,6 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                 processors: stopped.state().number_processors,
             });
         }
-        let _ = reconnect;
         self.stats_at_resume = stopped.stats().clone();
         let mut running = self.handle_and_resume(stopped, true).await?;
         let mut last_status = Instant::now();

@@ -17,10 +17,10 @@ use kdpilot_capture::log::{format_hit_text, resolve_log_paths, LogOptions, LogSi
 use kdpilot_capture::record::{EventRecord, HitRecord};
 use kdpilot_capture::strategy::StrategyChoice;
 use kdpilot_kd::client::{ClientConfig, Connection, Stopped};
-use kdpilot_transport::{open, open_waiting, Endpoint, Link, WaitOptions};
+use kdpilot_transport::{open, Endpoint, Link};
 
 use crate::error::{CliError, ResultExt as _};
-use crate::session::{timing_for, TargetArgs};
+use crate::session::{client_config, no_answer, open_endpoint, TargetArgs};
 use crate::status::StatusView;
 
 /// Arguments of `kdpilot capture`.
@@ -157,14 +157,10 @@ impl Connector for CliConnector {
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
         } else {
-            let wait = WaitOptions {
-                give_up_after: Some(self.timeout),
-                ..WaitOptions::default()
-            };
-            open_waiting(&self.endpoint, &wait, |ev| tracing::info!("{ev}"))
+            open_endpoint(&self.endpoint, self.timeout)
                 .await
                 .map_err(|e| ConnectError {
-                    message: format!("could not open {what}: {e}"),
+                    message: format!("{e:#}"),
                     retry: false,
                 })?
         };
@@ -172,12 +168,7 @@ impl Connector for CliConnector {
             .connect(self.timeout)
             .await
             .map_err(|e| ConnectError {
-                message: format!(
-                    "no KD target answered on {what} within {} s ({e}). Check that the target booted with \
-                     kernel debugging on the same port and rate (bcdedit /debug on; bcdedit /dbgsettings serial \
-                     debugport:1 baudrate:115200), the cable or the VM's pipe, and that no other debugger holds the port",
-                    self.timeout.as_secs()
-                ),
+                message: no_answer(&self.endpoint, self.timeout, &e),
                 retry: true,
             })
     }
@@ -291,11 +282,7 @@ pub async fn run(args: CaptureArgs, plain: bool) -> anyhow::Result<()> {
     watch_signals(stop.clone(), stop_reason.clone());
     let mut connector = CliConnector {
         timeout: args.target.timeout(),
-        config: ClientConfig {
-            timing: timing_for(&endpoint),
-            resets: endpoint.resets().unwrap_or(5),
-            ..ClientConfig::default()
-        },
+        config: client_config(&endpoint),
         endpoint,
     };
     let options = CaptureOptions {

@@ -62,25 +62,44 @@ pub async fn connect_endpoint(
     endpoint: &Endpoint,
     timeout: Duration,
 ) -> anyhow::Result<Stopped<Link>> {
+    let link = open_endpoint(endpoint, timeout).await.target_err()?;
+    tracing::info!("connecting to {}", endpoint.description());
+    Connection::new(link, client_config(endpoint))
+        .connect(timeout)
+        .await
+        .map_err(|e| anyhow::anyhow!(no_answer(endpoint, timeout, &e)))
+        .target_err()
+}
+
+/// Opens `endpoint`, waiting up to `timeout` for it to appear when it says `reconnect`.
+pub async fn open_endpoint(endpoint: &Endpoint, timeout: Duration) -> anyhow::Result<Link> {
     let wait = WaitOptions {
         give_up_after: Some(timeout),
         ..WaitOptions::default()
     };
-    let link = open_waiting(endpoint, &wait, |ev| tracing::info!("{ev}"))
+    open_waiting(endpoint, &wait, |ev| tracing::info!("{ev}"))
         .await
         .with_context(|| format!("could not open {}", endpoint.description()))
-        .target_err()?;
-    let config = ClientConfig {
+}
+
+/// The KD client's settings for `endpoint`: timing for its line rate, its `resets=`.
+pub fn client_config(endpoint: &Endpoint) -> ClientConfig {
+    ClientConfig {
         timing: timing_for(endpoint),
         resets: endpoint.resets().unwrap_or(5),
         ..ClientConfig::default()
-    };
-    tracing::info!("connecting to {}", endpoint.description());
-    Connection::new(link, config)
-        .connect(timeout)
-        .await
-        .with_context(|| format!("no KD target answered on {}", endpoint.description()))
-        .target_err()
+    }
+}
+
+/// The message for a target that did not synchronise, with what to check.
+pub fn no_answer(endpoint: &Endpoint, timeout: Duration, error: &dyn std::fmt::Display) -> String {
+    format!(
+        "no KD target answered on {} within {} s ({error}). Check that the target booted with \
+         kernel debugging on the same port and rate (bcdedit /debug on; bcdedit /dbgsettings serial \
+         debugport:1 baudrate:115200), the cable or the VM's pipe, and that no other debugger holds the port",
+        endpoint.description(),
+        timeout.as_secs()
+    )
 }
 
 /// Link timing for an endpoint: scaled to the baud rate on serial lines.
