@@ -194,3 +194,21 @@ fn mismatched_pdb_is_refused_naming_both() {
     );
     let _ = Arch::Amd64;
 }
+
+/// The `symbols_pdb` fuzz target's first finding: one byte changed in a line table of the x86
+/// fixture kernel's PDB makes pdb2 panic (a debug assertion) when lines are looked up. A PDB
+/// comes from a symbol server: the panic is caught, the lines are given up with a warning, the
+/// names stay.
+#[test]
+fn a_pdb_that_trips_the_pdb_crates_gives_no_lines_and_no_panic() {
+    let mut bytes = fixture_bytes("x86", "classic", "ntkrpamp.pdb");
+    assert_eq!(bytes[47528], 0x40);
+    bytes[47528] = 0x8D;
+    let s = kdpilot_symbols::ModuleSymbols::parse(bytes, None).expect("names still parse");
+    assert!(s.rva_of("MmAllocateSpecialPool").is_some());
+    let rvas: Vec<u32> = s.functions().iter().map(|f| f.rva).collect();
+    let lines = s.source_lines(&rvas);
+    assert_eq!(lines.len(), rvas.len());
+    // Given up once, not tried again.
+    assert!(s.source_line(rvas[0]).is_none());
+}
