@@ -342,11 +342,12 @@ async fn soak(n: &Night, exe: &Path, root: &Path, dir: &Path) -> Result<()> {
                 last_print = Instant::now();
                 let text = std::fs::read_to_string(&json).unwrap_or_default();
                 println!(
-                    "soak: {:>4} s: {} hits, {} boots, {} links lost",
+                    "soak: {:>4} s: {} hits, {} boots, {} links lost, kdpilot VmRSS {} KiB",
                     started.elapsed().as_secs(),
                     text.matches("\"hit\":").count(),
                     text.matches("\"event\":\"boot\"").count(),
                     text.matches("\"event\":\"link_lost\"").count(),
+                    memory(pid).map_or(0, |m| m.1),
                 );
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -387,7 +388,7 @@ async fn soak(n: &Night, exe: &Path, root: &Path, dir: &Path) -> Result<()> {
     let text = std::fs::read_to_string(&log)?;
     let text_hits = text
         .lines()
-        .filter(|l| l.starts_with('[') && l.contains(" hit "))
+        .filter(|l| l.starts_with('[') && l.contains("] boot ") && l.contains(" hit "))
         .count();
     let rearm = check::rearm_times(&lines);
     let event_count = |kind: &str| {
