@@ -40,6 +40,10 @@ enum Mode {
     /// Compensating damage in every `n`-th GetContextEx reply, and an ordinary checksum error
     /// in every 40th packet so the line counts as noisy (target side).
     ContextSum { every: u32 },
+    /// After the host's first Continue2, a copy of the last state change read, under the next
+    /// id, is read before anything else (host side): what a stopped kernel sends when it gets
+    /// a RESEND while waiting for a request.
+    StaleStop,
 }
 
 /// A stream whose writes go through [`Mode`]'s damage; whole packets arrive in one write (the
@@ -50,6 +54,8 @@ struct Damage<S> {
     seen: u32,
     packets: u32,
     damaged: u32,
+    last_stop: Option<Vec<u8>>,
+    inject: bool,
 }
 
 fn data_packet(buf: &[u8]) -> Option<(u16, u32)> {
@@ -69,14 +75,14 @@ impl<S> Damage<S> {
         match self.mode {
             Mode::ContinueType { every } if ptype == 2 && api == CONTINUE2 => {
                 self.seen += 1;
-                if !self.seen.is_multiple_of(every) {
+                if self.seen % every != 0 {
                     return None;
                 }
                 out[4] ^= 0x40;
             }
             Mode::ContextSum { every } if ptype == 2 && api == GET_CONTEXT_EX => {
                 self.seen += 1;
-                if !self.seen.is_multiple_of(every) {
+                if self.seen % every != 0 {
                     return None;
                 }
                 // The registers (Rax..Rip, 8 bytes each) start after the packet header (16)
@@ -88,6 +94,11 @@ impl<S> Damage<S> {
                 }
                 out[up] += 1;
                 out[down] -= 1;
+            }
+            Mode::StaleStop if ptype == 2 && api == CONTINUE2 && self.seen == 0 => {
+                self.seen += 1;
+                self.inject = true;
+                return None;
             }
             Mode::ContextSum { .. } if self.packets % 40 == 1 && out.len() > 17 => {
                 out[16] ^= 1; // an ordinary checksum error: the host sees damage
@@ -105,7 +116,28 @@ impl<S: AsyncRead + Unpin> AsyncRead for Damage<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        if std::mem::take(&mut self.inject) {
+            if let Some(mut stale) = self.last_stop.clone() {
+                stale[8] ^= 1; // the next id: a new packet, not a retransmission
+                if buf.remaining() >= stale.len() {
+                    buf.put_slice(&stale);
+                    self.damaged += 1;
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(self.mode, Mode::StaleStop) {
+            let got = &buf.filled()[before..];
+            if let Some((7, _)) = data_packet(got) {
+                let len = 16 + usize::from(u16::from_le_bytes([got[6], got[7]])) + 1;
+                if let Some(p) = got.get(..len) {
+                    self.last_stop = Some(p.to_vec());
+                }
+            }
+        }
+        r
     }
 }
 
@@ -135,6 +167,8 @@ fn damage(inner: DuplexStream, mode: Mode) -> Damage<DuplexStream> {
         seen: 0,
         packets: 0,
         damaged: 0,
+        last_stop: None,
+        inject: false,
     }
 }
 
@@ -269,6 +303,45 @@ async fn registers_damaged_past_the_checksum_are_read_again() {
         assert_eq!(records.len(), truth.len(), "no hit filtered out");
         assert_eq!(stacks(&records), truth, "every hit once, from the right registers");
         assert!(records.iter().all(|r| r.tag_value == LEAK));
+    })
+    .await;
+}
+
+/// A copy of the stop being continued that arrives while the continue is on its way (a
+/// stopped kernel sends its state change again on a RESEND) is not a new stop.
+#[tokio::test]
+async fn a_copy_of_the_stop_being_continued_is_not_a_new_stop() {
+    bounded(async {
+        let (host, target) = tokio::io::duplex(64 * 1024);
+        let mut m = machine(Arch::Amd64);
+        let task = tokio::spawn(async move {
+            let _ = kdpilot_sim::serve(target, &mut m, &TargetOptions::default()).await;
+            m
+        });
+        let s = Connection::new(
+            damage(host, Mode::StaleStop),
+            config(&LineModel::clean(), EventSink::none()),
+        )
+        .connect(Duration::from_secs(30))
+        .await
+        .expect("connect");
+        let dr7 = s.state().control_report(s.arch()).dr7();
+        let r = s
+            .resume(&kdpilot_kd::api::Continue2::go().with_dr7(dr7))
+            .await
+            .expect("resume");
+        // The target runs and has nothing to say: the copy must not come out as a stop.
+        match r.wait_stop(Duration::from_secs(3)).await.expect("wait") {
+            kdpilot_kd::client::WaitOutcome::StillRunning(r) => drop(r),
+            kdpilot_kd::client::WaitOutcome::Stopped(s) => {
+                panic!(
+                    "a copy of the old stop came out as a new one: {:#x}",
+                    s.state().program_counter
+                )
+            }
+        }
+        let m = task.await.unwrap();
+        assert!(m.running);
     })
     .await;
 }

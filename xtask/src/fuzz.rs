@@ -125,6 +125,57 @@ fn seed_corpora(root: &Path, fuzz_dir: &Path) -> Result<()> {
             stream.clear();
         }
     }
+    seed_symbols(root, &corpus)?;
+    Ok(())
+}
+
+/// The fixtures' PDBs for `symbols_pdb`; CodeView records (RSDS and NB10, the fixtures' names
+/// and hostile ones) and target file names for `symbols_file_names`.
+fn seed_symbols(root: &Path, corpus: &dyn Fn(&str) -> Result<PathBuf>) -> Result<()> {
+    let pdbs = corpus("symbols_pdb")?;
+    for arch in ["x64", "x86"] {
+        for flavour in ["classic", "modern"] {
+            let dir = root.join("fixtures/out").join(arch).join(flavour);
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "pdb") {
+                    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("pdb");
+                    std::fs::copy(&p, pdbs.join(format!("{arch}-{flavour}-{name}")))?;
+                }
+            }
+        }
+    }
+    let names = corpus("symbols_file_names")?;
+    let rsds = |path: &str| {
+        let mut v = b"RSDS".to_vec();
+        v.extend((0u8..16).map(|i| i.wrapping_mul(37)));
+        v.extend(1u32.to_le_bytes());
+        v.extend(path.as_bytes());
+        v.push(0);
+        v
+    };
+    let mut nb10 = b"NB10".to_vec();
+    nb10.extend(0u32.to_le_bytes());
+    nb10.extend(0x3B6D_CB75u32.to_le_bytes());
+    nb10.extend(2u32.to_le_bytes());
+    nb10.extend(b"ntkrpamp.pdb\0");
+    let seeds: Vec<Vec<u8>> = vec![
+        rsds("ntkrnlmp.pdb"),
+        rsds(r"d:\os\obj\amd64fre\minkernel\ntos\init\mp\objfre\amd64\ntkrnlmp.pdb"),
+        rsds(r"..\..\..\evil.pdb"),
+        rsds("NUL.pdb"),
+        rsds("x.pdb:stream"),
+        nb10,
+        br"\SystemRoot\system32\drivers\leakydrv.sys".to_vec(),
+        b"halmacpi.dll".to_vec(),
+        "\u{1b}[2Jevil\u{202e}sys.pdb".as_bytes().to_vec(),
+    ];
+    for (i, seed) in seeds.iter().enumerate() {
+        std::fs::write(names.join(format!("seed{i}")), seed)?;
+    }
     Ok(())
 }
 

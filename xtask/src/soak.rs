@@ -43,6 +43,11 @@ pub const ABOUT: &str = "a compressed night against the simulator: reboots, lost
 
 const LEAK: u32 = u32::from_le_bytes(*b"Leak");
 const BREAKPOINT: &str = "nt!ExAllocateHeapSpecialPool";
+/// Where in the night the hang starts.
+const HANG_AT: f64 = 0.5;
+/// The longest the log may stay silent outside the hang: a reboot with the socket gone (4 s),
+/// a vanished socket (up to 6 s) and kdpilot's reconnect back-off (up to 5 s) fit well inside.
+const QUIET_LIMIT: Duration = Duration::from_secs(30);
 
 /// What a night holds.
 #[derive(Clone, Debug)]
@@ -215,7 +220,7 @@ fn schedule(n: &Night) -> Vec<(Duration, Event)> {
     }
     // The hang, with the socket gone for a few seconds in the middle of it: kdpilot reopens
     // it and finds a target that does not answer until the hang is over.
-    let h = at(0.5);
+    let h = at(HANG_AT);
     out.push((h, Event::Fault(Fault::Hang(n.hang))));
     out.push((
         h + Duration::from_secs(3),
@@ -306,6 +311,7 @@ async fn soak(n: &Night, exe: &Path, root: &Path, dir: &Path) -> Result<()> {
         }
         let start_mem = memory(pid).context("reading /proc/PID/status")?;
         let started = Instant::now();
+        let started_wall = std::time::SystemTime::now();
         let mut plan = schedule(n).into_iter().peekable();
         let mut peak_rss = start_mem.1;
         let mut last_print = Instant::now();
@@ -336,11 +342,12 @@ async fn soak(n: &Night, exe: &Path, root: &Path, dir: &Path) -> Result<()> {
                 last_print = Instant::now();
                 let text = std::fs::read_to_string(&json).unwrap_or_default();
                 println!(
-                    "soak: {:>4} s: {} hits, {} boots, {} links lost",
+                    "soak: {:>4} s: {} hits, {} boots, {} links lost, kdpilot VmRSS {} KiB",
                     started.elapsed().as_secs(),
                     text.matches("\"hit\":").count(),
                     text.matches("\"event\":\"boot\"").count(),
                     text.matches("\"event\":\"link_lost\"").count(),
+                    memory(pid).map_or(0, |m| m.1),
                 );
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -354,14 +361,14 @@ async fn soak(n: &Night, exe: &Path, root: &Path, dir: &Path) -> Result<()> {
         let status = tokio::time::timeout(Duration::from_secs(120), child.wait())
             .await
             .context("kdpilot did not end within 120 s of SIGINT")??;
-        Ok((start_mem, end_mem, peak_rss, wall, status))
+        Ok((start_mem, end_mem, peak_rss, wall, status, started_wall))
     };
     let outcome = night.await;
     let _ = control.send(Control::Quit);
     let (machine, activity, vm_stats) = tokio::time::timeout(Duration::from_secs(120), vm)
         .await
         .context("the simulator did not stop")??;
-    let (start_mem, end_mem, peak_rss, wall, status) = outcome?;
+    let (start_mem, end_mem, peak_rss, wall, status, started_wall) = outcome?;
 
     // The verdict.
     let mut failures: Vec<String> = Vec::new();
@@ -381,7 +388,7 @@ async fn soak(n: &Night, exe: &Path, root: &Path, dir: &Path) -> Result<()> {
     let text = std::fs::read_to_string(&log)?;
     let text_hits = text
         .lines()
-        .filter(|l| l.starts_with('[') && l.contains(" hit "))
+        .filter(|l| l.starts_with('[') && l.contains("] boot ") && l.contains(" hit "))
         .count();
     let rearm = check::rearm_times(&lines);
     let event_count = |kind: &str| {
@@ -403,6 +410,10 @@ async fn soak(n: &Night, exe: &Path, root: &Path, dir: &Path) -> Result<()> {
         .matches("DbgPrint with escapes")
         .count();
     let sim_reboots = machine.boots.saturating_sub(1);
+    // Silence is expected during the hang (and the reconnect after it); anywhere else a long
+    // one means the capture stalled.
+    let hang_at = started_wall + n.length.mul_f64(HANG_AT);
+    let quiet = check::longest_quiet(&lines, (hang_at, hang_at + n.hang + QUIET_LIMIT));
 
     println!();
     println!(
@@ -454,6 +465,11 @@ async fn soak(n: &Night, exe: &Path, root: &Path, dir: &Path) -> Result<()> {
         check::spread(&check::outages(&lines))
     );
     println!(
+        "  longest silence in the log outside the hang: {:.1} s (limit {} s)",
+        quiet.as_secs_f64(),
+        QUIET_LIMIT.as_secs()
+    );
+    println!(
         "  hostile DbgPrint: {} chatty connections, {} prints shown on stderr, {} escape bytes reached it",
         vm_stats.chatty_connections, prints_shown, escapes
     );
@@ -501,6 +517,12 @@ async fn soak(n: &Night, exe: &Path, root: &Path, dir: &Path) -> Result<()> {
     }
     if !detached_clean || !machine.running || !machine.planted().is_empty() {
         failures.push("the target was not left clean and running".into());
+    }
+    if quiet > QUIET_LIMIT {
+        failures.push(format!(
+            "the capture was silent for {:.0} s outside the hang: a stall",
+            quiet.as_secs_f64()
+        ));
     }
     if activity.applied[2] == 0 {
         failures.push("the hang never happened".into());

@@ -44,10 +44,13 @@ pub fn init(verbose: u8, quiet: bool) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    // Colours only on a terminal: in a log file (`2> night.err`, nohup) the field styling of
+    // an event with fields came out as raw escape sequences (found by `cargo xtask soak`).
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let builder = builder.with_ansi(ansi);
     // A second init (only possible in tests) keeps the first subscriber.
     if level >= LevelFilter::DEBUG || env_var.is_some() {
-        let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-        let _ = builder.with_ansi(ansi).without_time().try_init();
+        let _ = builder.without_time().try_init();
     } else {
         let _ = builder.event_format(CliFormat).try_init();
     }

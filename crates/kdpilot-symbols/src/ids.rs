@@ -185,12 +185,43 @@ pub fn sanitize_file_name(raw: &str) -> Result<String, FileNameError> {
     if base.starts_with(' ') || base.ends_with('.') {
         return Err(err("it starts with a space or ends with a dot"));
     }
+    if is_windows_device(base) {
+        return Err(err("it is a Windows device name"));
+    }
     Ok(base.to_string())
+}
+
+/// `CON`, `NUL`, `COM1`, `lpt9.pdb`...: on a Windows host such a name opens a device, with any
+/// extension, whatever the directory.
+fn is_windows_device(name: &str) -> bool {
+    let stem = name.split('.').next().unwrap_or(name).trim_end();
+    let upper = stem.to_ascii_uppercase();
+    match upper.as_bytes() {
+        b"CON" | b"PRN" | b"AUX" | b"NUL" => true,
+        [b'C', b'O', b'M', d] | [b'L', b'P', b'T', d] => d.is_ascii_digit(),
+        _ => false,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn windows_device_names_are_refused() {
+        for bad in ["NUL.pdb", "con", "Aux.sys", "com1.pdb", "LPT9", "nul .pdb"] {
+            assert!(sanitize_file_name(bad).is_err(), "{bad}");
+        }
+        for good in [
+            "console.pdb",
+            "nullptr.pdb",
+            "com10.pdb",
+            "ntkrnlmp.pdb",
+            "lpt.pdb",
+        ] {
+            assert_eq!(sanitize_file_name(good).as_deref(), Ok(good), "{good}");
+        }
+    }
 
     #[test]
     fn store_keys() {

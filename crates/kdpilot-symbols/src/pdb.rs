@@ -118,6 +118,8 @@ pub struct ModuleSymbols {
     /// The parsed streams pdb-addr2line needs, kept for line lookups (a `Context` borrows
     /// them, so one is made per batch of lookups).
     line_data: Mutex<Option<LineData>>,
+    /// The line tables made the PDB parser panic once: no more line lookups.
+    lines_broken: std::sync::atomic::AtomicBool,
 }
 
 type LineData = pdb_addr2line::ContextPdbData<'static, 'static, Cursor<Arc<[u8]>>>;
@@ -156,8 +158,19 @@ pub fn undecorate_x86(name: &str) -> Option<&str> {
 impl ModuleSymbols {
     /// Parses a PDB. When `expected` is given the PDB must match it (GUID or signature, and
     /// age), otherwise [`PdbError::Mismatch`] names both.
+    ///
+    /// The PDB comes from a symbol server or a cache, so it is hostile input: a panic inside
+    /// the PDB crates (pdb2's debug assertions fire on some corrupt line tables, found by the
+    /// `symbols_pdb` fuzz target) is caught and reported as [`PdbError::Parse`].
     pub fn parse(bytes: impl Into<Arc<[u8]>>, expected: Option<&PdbId>) -> Result<Self, PdbError> {
         let bytes: Arc<[u8]> = bytes.into();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Self::parse_unguarded(bytes, expected)
+        }))
+        .unwrap_or_else(|p| Err(PdbError::Parse(panic_text("parsing the PDB", &*p))))
+    }
+
+    fn parse_unguarded(bytes: Arc<[u8]>, expected: Option<&PdbId>) -> Result<Self, PdbError> {
         let mut pdb = pdb2::PDB::open(Cursor::new(bytes.clone()))?;
         let info = pdb.pdb_information()?;
         let dbi = pdb.debug_information()?;
@@ -280,6 +293,7 @@ impl ModuleSymbols {
             frames,
             lines: Mutex::new(HashMap::new()),
             line_data: Mutex::new(Some(data)),
+            lines_broken: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -364,11 +378,38 @@ impl ModuleSymbols {
     }
 
     fn lookup_lines(&self, rvas: &[u32]) -> Vec<Option<SourceLine>> {
+        use std::sync::atomic::Ordering;
         let none = || vec![None; rvas.len()];
+        if self.lines_broken.load(Ordering::Relaxed) {
+            return none();
+        }
         let mut guard = match self.line_data.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
+        let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.lookup_lines_in(&mut guard, rvas)
+        }));
+        match found {
+            Ok(lines) => lines,
+            Err(p) => {
+                tracing::warn!(
+                    "{}: no source lines from this PDB",
+                    panic_text("reading the PDB's line tables", &*p)
+                );
+                *guard = None;
+                self.lines_broken.store(true, Ordering::Relaxed);
+                none()
+            }
+        }
+    }
+
+    fn lookup_lines_in(
+        &self,
+        guard: &mut Option<LineData>,
+        rvas: &[u32],
+    ) -> Vec<Option<SourceLine>> {
+        let none = || vec![None; rvas.len()];
         if guard.is_none() {
             let Ok(pdb) = pdb2::PDB::open(Cursor::new(self.bytes.clone())) else {
                 return none();
@@ -392,6 +433,16 @@ impl ModuleSymbols {
             })
             .collect()
     }
+}
+
+/// A caught panic as text for a message.
+fn panic_text(what: &str, payload: &(dyn std::any::Any + Send)) -> String {
+    let detail = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    format!("the PDB crates panicked while {what} (a corrupt PDB): {detail}")
 }
 
 fn formatter_flags() -> pdb_addr2line::TypeFormatterFlags {

@@ -258,6 +258,20 @@ pub fn outages(lines: &[LogLine]) -> Vec<Duration> {
     out
 }
 
+/// The longest stretch with nothing in the log (no hit, no event) outside `except` (the hang,
+/// when silence is expected): a capture that stalls shows here.
+pub fn longest_quiet(lines: &[LogLine], except: (SystemTime, SystemTime)) -> Duration {
+    let mut longest = Duration::ZERO;
+    for pair in lines.windows(2) {
+        let (a, b) = (pair[0].time(), pair[1].time());
+        if a < except.1 && b > except.0 {
+            continue; // overlaps the expected silence
+        }
+        longest = longest.max(b.duration_since(a).unwrap_or_default());
+    }
+    longest
+}
+
 /// min / median / max, as text.
 pub fn spread(d: &[Duration]) -> String {
     if d.is_empty() {

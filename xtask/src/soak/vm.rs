@@ -181,7 +181,7 @@ fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
 /// Connection `n`'s behaviour: every other one loses its socket when the target reboots; every
 /// fourth one chatters hostile DbgPrint strings after every resume.
 fn options_for(config: &VmConfig, n: u64) -> TargetOptions {
-    let disconnect = n.is_multiple_of(2);
+    let disconnect = n % 2 == 0;
     TargetOptions {
         reboot: RebootOptions {
             downtime: if disconnect {

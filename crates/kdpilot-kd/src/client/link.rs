@@ -386,6 +386,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> KdLink<S> {
         }
     }
 
+    /// Drops the received packets not yet handed up that `stale` says are stale; returns how
+    /// many.
+    pub fn discard_received(&mut self, stale: impl Fn(&Packet) -> bool) -> usize {
+        let before = self.inbox.len();
+        self.inbox.retain(|p| !stale(p));
+        before - self.inbox.len()
+    }
+
     /// Takes the id of the last damaged data packet seen (and forgets it).
     pub fn take_damaged_id(&mut self) -> Option<u32> {
         self.last_damaged.take()

@@ -574,7 +574,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stopped<S> {
 
     async fn resume_with(mut self, mut m: Manipulate) -> Result<Running<S>, KdError> {
         m.processor = self.state.processor;
-        send_continue(&mut self.conn, &m).await?;
+        send_continue(&mut self.conn, &m, &self.raw).await?;
         Ok(Running {
             conn: self.conn,
             last_stop: Some(self.raw),
@@ -611,11 +611,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stopped<S> {
 /// the break-in byte: if its ACK was lost on the line, our copies are never ACKed. Take the
 /// target as running; if it did not get the continue after all, it is stopped and silent, and
 /// [`Running::wait_stop`] finds out (kd-protocol.md).
+///
+/// Copies of the stop being continued that arrived while the continue was on its way are
+/// dropped: a stopped kernel sends its state change again when it gets a RESEND (kddll's
+/// KdReceivePacket), so a RESEND of ours for some damaged frame, still on the line, makes one;
+/// handed up after the continue it would look like a new stop.
 async fn send_continue<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     m: &Manipulate,
+    stop: &[u8],
 ) -> Result<(), KdError> {
-    match conn
+    let result = match conn
         .link
         .send(packet_type::KD_STATE_MANIPULATE, m.encode(), None)
         .await
@@ -629,7 +635,14 @@ async fn send_continue<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(())
         }
         Err(e) => Err(e),
+    };
+    let stale = conn
+        .link
+        .discard_received(|p| p.packet_type == packet_type::KD_STATE_CHANGE64 && p.payload == stop);
+    if stale > 0 {
+        tracing::debug!(stale, "copies of the stop we continued from dropped");
     }
+    result
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Running<S> {
@@ -695,7 +708,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Running<S> {
                             self.conn.config.sink.emit(ClientEvent::FrameError(
                                 "a continue was lost on the line; sent again".into(),
                             ));
-                            send_continue(&mut self.conn, &m).await?;
+                            send_continue(&mut self.conn, &m, &p.payload).await?;
                             self.probe_after = PROBE_FIRST;
                             continue;
                         }

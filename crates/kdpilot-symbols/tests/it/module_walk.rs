@@ -271,3 +271,41 @@ fn hostile_names_are_bounded() {
         assert_eq!(set.modules().len(), 3);
     });
 }
+
+/// Bounds the night depends on, each with its warning: an entry whose Flink points at itself,
+/// and a UNICODE_STRING of Length 0xFFFF whose Buffer is unmapped.
+#[test]
+fn a_self_loop_and_a_huge_name_over_unmapped_memory_are_bounded() {
+    block_on(async {
+        let arch = Arch::Amd64;
+        let (mut mem, kernel, entries) = boot(arch);
+        mem.write_u64(entries[1], entries[1]); // hal's Flink: itself
+        let e = entries[1];
+        mem.write(e + 0x58, &0xFFFFu16.to_le_bytes());
+        mem.write_u64(e + 0x58 + 8, 0xFFFF_F8DE_AD00_0000); // nothing mapped there
+        mem.clear_reads();
+        let limits = WalkLimits::default();
+        let w = walk_module_list(&mut mem, arch, kernel.ps_loaded_module_list, &limits)
+            .await
+            .unwrap();
+        assert_eq!(w.entries.len(), 2, "{:?}", w.entries);
+        assert!(
+            w.warnings.contains(&WalkWarning::Cycle { entry: e }),
+            "{:?}",
+            w.warnings
+        );
+        assert!(
+            w.warnings.contains(&WalkWarning::BadName { entry: e }),
+            "{:?}",
+            w.warnings
+        );
+        assert!(w.entries[1].base_name.is_empty());
+        assert!(
+            mem.reads()
+                .iter()
+                .all(|&(_, n)| n <= limits.max_name_bytes.max(0x1000)),
+            "bounded reads: {:x?}",
+            mem.reads()
+        );
+    });
+}

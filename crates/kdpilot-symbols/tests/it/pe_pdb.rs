@@ -194,3 +194,75 @@ fn mismatched_pdb_is_refused_naming_both() {
     );
     let _ = Arch::Amd64;
 }
+
+/// The `symbols_pdb` fuzz target's first finding: one byte changed in a line table of the x86
+/// fixture kernel's PDB makes pdb2 panic (a debug assertion) when lines are looked up. A PDB
+/// comes from a symbol server: the panic is caught, the lines are given up with a warning, the
+/// names stay.
+#[test]
+fn a_pdb_that_trips_the_pdb_crates_gives_no_lines_and_no_panic() {
+    let mut bytes = fixture_bytes("x86", "classic", "ntkrpamp.pdb");
+    assert_eq!(bytes[47528], 0x40);
+    bytes[47528] = 0x8D;
+    let s = kdpilot_symbols::ModuleSymbols::parse(bytes, None).expect("names still parse");
+    assert!(s.rva_of("MmAllocateSpecialPool").is_some());
+    let rvas: Vec<u32> = s.functions().iter().map(|f| f.rva).collect();
+    let lines = s.source_lines(&rvas);
+    assert_eq!(lines.len(), rvas.len());
+    // Given up once, not tried again.
+    assert!(s.source_line(rvas[0]).is_none());
+}
+
+/// Absurd counts in headers read from target memory: 0xFFFF sections is refused without
+/// reading past the header limit; export and debug directories that claim millions of entries
+/// are cut to their bounds.
+#[test]
+fn absurd_counts_in_memory_headers_are_bounded() {
+    block_on(async {
+        let file = fixture_bytes("x64", "classic", "ntoskrnl.exe");
+        let base = 0xFFFF_F800_0240_0000;
+        let e_lfanew = u32::from_le_bytes(file[0x3C..0x40].try_into().unwrap()) as u64;
+
+        let mut mem = MockMemory::new();
+        let pe = map_image(&mut mem, base, &file);
+        mem.write(base + e_lfanew + 6, &0xFFFFu16.to_le_bytes()); // NumberOfSections
+        mem.clear_reads();
+        let err = pe::read_headers(&mut mem, base).await.unwrap_err();
+        assert!(err.to_string().contains("too many sections"), "{err}");
+        assert!(mem.reads().iter().all(|&(_, n)| n <= pe::MAX_HEADER_BYTES));
+
+        // Exports: NumberOfFunctions and NumberOfNames 0xFFFFFFFF.
+        let mut mem = MockMemory::new();
+        map_image(&mut mem, base, &file);
+        let h = pe.headers().clone();
+        let dir = h.directory(pe::DIR_EXPORT).expect("the kernel exports");
+        let at = base + u64::from(dir.rva);
+        mem.write(at + 0x14, &u32::MAX.to_le_bytes());
+        mem.write(at + 0x18, &u32::MAX.to_le_bytes());
+        mem.clear_reads();
+        let exports = pe::read_exports(&mut mem, base, &h, 1 << 16).await;
+        if let Ok(list) = &exports {
+            assert!(list.len() <= pe::MAX_EXPORTS);
+        }
+        assert!(
+            mem.reads().iter().all(|&(_, n)| n <= 1 << 16),
+            "{:x?}",
+            mem.reads()
+        );
+
+        // Debug directory claiming 4 GiB of entries.
+        let mut h2 = h.clone();
+        if let Some(d) = h2.data_directories.get_mut(pe::DIR_DEBUG) {
+            d.size = u32::MAX;
+        }
+        mem.clear_reads();
+        let _ = pe::read_codeview(&mut mem, base, &h2).await;
+        assert!(
+            mem.reads()
+                .iter()
+                .all(|&(_, n)| n <= pe::MAX_DEBUG_ENTRIES * 28 || n <= pe::MAX_CODEVIEW_BYTES),
+            "{:x?}",
+            mem.reads()
+        );
+    });
+}
