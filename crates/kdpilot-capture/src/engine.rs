@@ -1318,6 +1318,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             breakpoint: symbol,
             strategy: self.options.strategy.to_string(),
             frames,
+            same_stack_as: None,
         };
         (self.emit)(&CaptureEvent::Hit(Box::new(record)));
         Ok(ctx)

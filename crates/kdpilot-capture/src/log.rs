@@ -612,11 +612,24 @@ pub fn format_hit_text(hit: &HitRecord) -> String {
         hit.processor,
         clean(&hit.breakpoint),
     ));
+    if let Some(first) = hit.same_stack_as {
+        out.push_str(&format!(
+            "   (same stack as hit {first}: --stack-cap reached, counted only)\n\n"
+        ));
+        return out;
+    }
+    push_frames(&mut out, arch, &hit.frames);
+    out.push('\n');
+    out
+}
+
+/// The `kb`-style frame table (header and one line per frame, `(no frames)` when empty).
+fn push_frames(out: &mut String, arch: Arch, frames: &[FrameRecord]) {
     match arch {
         Arch::X64 => out.push_str(" # Child-SP          RetAddr               : Args to Child                                                           : Call Site\n"),
         Arch::X86 => out.push_str(" # ChildEBP RetAddr  Args to Child\n"),
     }
-    for (i, f) in hit.frames.iter().enumerate() {
+    for (i, f) in frames.iter().enumerate() {
         let site = call_site(arch, f);
         match arch {
             Arch::X64 => {
@@ -643,11 +656,9 @@ pub fn format_hit_text(hit: &HitRecord) -> String {
             }
         }
     }
-    if hit.frames.is_empty() {
+    if frames.is_empty() {
         out.push_str("   (no frames)\n");
     }
-    out.push('\n');
-    out
 }
 
 /// The text log's line(s) for an event: `[time] ...`, with `=== ... ===` markers for boots,
@@ -746,12 +757,76 @@ pub fn format_event_text(event: &EventRecord) -> String {
         EventRecord::Warning { boot, message, .. } => {
             format!("[{t}] warning{}: {}\n", during(boot), clean(message))
         }
+        EventRecord::Allocated {
+            boot, hit, address, ..
+        } => {
+            let arch = if *address >> 32 == 0 || *address >> 32 == 0xFFFF_FFFF && *address & 0x8000_0000 != 0 {
+                Arch::X86
+            } else {
+                Arch::X64
+            };
+            format!("[{t}] boot {boot} hit {hit} returned {}\n", word(arch, *address))
+        }
+        EventRecord::Free {
+            boot,
+            hit,
+            address,
+            processor,
+            thread,
+            arch,
+            breakpoint,
+            frames,
+            same_stack_as,
+            ..
+        } => {
+            let mut out = format!(
+                "[{t}] boot {boot} free of hit {hit}  block {}  thread {}  cpu {processor}  at {}\n",
+                word(*arch, *address),
+                word(*arch, *thread),
+                clean(breakpoint)
+            );
+            if let Some(first) = same_stack_as {
+                out.push_str(&format!(
+                    "   (same stack as the free of hit {first}: --stack-cap reached, counted only)\n"
+                ));
+            } else {
+                push_frames(&mut out, *arch, frames);
+            }
+            out.push('\n');
+            out
+        }
+        EventRecord::SpecialPoolExhausted {
+            boot,
+            quiet_secs,
+            switched,
+            ..
+        } => format!(
+            "[{t}] WARNING (boot {boot}): special pool looks exhausted: no allocation of the tag from special pool for {quiet_secs} s, \
+             while the kernel still allocates it{}\n",
+            if *switched {
+                "; switched to nt!PoolHitTag for the rest of this boot"
+            } else {
+                "; allocations now go to normal pool and are not caught (use --on-exhaustion pool-hit-tag to follow them, or reboot the target)"
+            }
+        ),
         EventRecord::Sampled {
             boot,
             one_in,
             reason,
+            skipped,
             ..
         } => {
+            let mut parts: Vec<String> = Vec::new();
+            if !reason.is_empty() {
+                parts.push(clean(reason).into_owned());
+            }
+            if *skipped > 0 {
+                parts.push(format!(
+                    "{skipped} hit{} resumed unrecorded before this",
+                    if *skipped == 1 { "" } else { "s" }
+                ));
+            }
+            let reason = &parts.join("; ");
             let why = if reason.is_empty() {
                 String::new()
             } else {

@@ -93,8 +93,12 @@ pub struct HitRecord {
     /// The strategy that planted it (`special-pool`, `pool-hit-tag`, `breakpoint`).
     #[serde(default)]
     pub strategy: String,
-    /// The stack, innermost frame first.
+    /// The stack, innermost frame first. Empty when `same_stack_as` is set.
     pub frames: Vec<FrameRecord>,
+    /// The per-stack cap (`--stack-cap`) was reached: this hit's stack is the same as hit
+    /// `same_stack_as`'s (its frames are not repeated); left out otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub same_stack_as: Option<u64>,
 }
 
 /// One frame of a hit's stack.
@@ -262,6 +266,66 @@ pub enum EventRecord {
         /// Why (the frozen-time budget per minute was exceeded, ...).
         #[serde(default)]
         reason: String,
+        /// Hits resumed without a record since the previous `sampled` event.
+        #[serde(default)]
+        skipped: u64,
+    },
+    /// `--track-frees`: the address the allocator returned for hit `hit` (read from rax/eax
+    /// at the return into the allocator's caller).
+    Allocated {
+        /// When.
+        #[serde(with = "rfc3339_ms")]
+        time: SystemTime,
+        /// The boot.
+        boot: u64,
+        /// The hit (allocation) this address belongs to.
+        hit: u64,
+        /// The block's address. JSON: a hex string. 0: the allocation failed (NULL).
+        #[serde(with = "hex")]
+        address: u64,
+    },
+    /// `--track-frees`: a captured allocation was freed.
+    Free {
+        /// When.
+        #[serde(with = "rfc3339_ms")]
+        time: SystemTime,
+        /// The boot.
+        boot: u64,
+        /// The hit (allocation) freed.
+        hit: u64,
+        /// The block's address. JSON: a hex string.
+        #[serde(with = "hex")]
+        address: u64,
+        /// The processor that freed it.
+        processor: u16,
+        /// The freeing thread (KTHREAD). JSON: a hex string.
+        #[serde(with = "hex")]
+        thread: u64,
+        /// The target's architecture.
+        #[serde(default)]
+        arch: Arch,
+        /// Where the free was caught (`nt!MmFreeSpecialPool`, `nt!PoolHitTag`).
+        breakpoint: String,
+        /// The freeing stack, innermost frame first (empty when `same_stack_as` is set).
+        frames: Vec<FrameRecord>,
+        /// As for hits: the per-stack cap was reached and this free's stack is the same as
+        /// the one in the `free` record of hit `same_stack_as`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        same_stack_as: Option<u64>,
+    },
+    /// Special pool looks exhausted: its breakpoint went quiet while the kernel still
+    /// allocates the tag (caught by a PoolHitTag probe).
+    SpecialPoolExhausted {
+        /// When.
+        #[serde(with = "rfc3339_ms")]
+        time: SystemTime,
+        /// The boot.
+        boot: u64,
+        /// How long special pool had served no allocation of the tag, in seconds.
+        quiet_secs: u64,
+        /// The capture switched to PoolHitTag for the rest of the boot (`--on-exhaustion
+        /// pool-hit-tag`); false: it only warns and keeps the special-pool breakpoint.
+        switched: bool,
     },
 }
 
@@ -276,7 +340,10 @@ impl EventRecord {
             | EventRecord::LinkLost { time, .. }
             | EventRecord::Detached { time, .. }
             | EventRecord::Warning { time, .. }
-            | EventRecord::Sampled { time, .. } => *time,
+            | EventRecord::Sampled { time, .. }
+            | EventRecord::Allocated { time, .. }
+            | EventRecord::Free { time, .. }
+            | EventRecord::SpecialPoolExhausted { time, .. } => *time,
         }
     }
 
@@ -291,6 +358,9 @@ impl EventRecord {
             EventRecord::Detached { .. } => "detached",
             EventRecord::Warning { .. } => "warning",
             EventRecord::Sampled { .. } => "sampled",
+            EventRecord::Allocated { .. } => "allocated",
+            EventRecord::Free { .. } => "free",
+            EventRecord::SpecialPoolExhausted { .. } => "special_pool_exhausted",
         }
     }
 }

@@ -305,7 +305,11 @@ impl Aggregator {
                 self.start_capture_if_pending();
                 self.boot_index(file, boot, time);
             }
-            EventRecord::Warning { .. } | EventRecord::Sampled { .. } => {}
+            EventRecord::Warning { .. }
+            | EventRecord::Sampled { .. }
+            | EventRecord::Allocated { .. }
+            | EventRecord::Free { .. }
+            | EventRecord::SpecialPoolExhausted { .. } => {}
         }
     }
 

@@ -104,7 +104,7 @@ struct Probe {
 /// The event kinds this version reads ([`EventRecord::kind`] of each variant). An event line
 /// of another kind is a newer capture's and is skipped with a count; one of these kinds that
 /// does not parse is a bad line.
-pub const KNOWN_EVENTS: [&str; 8] = [
+pub const KNOWN_EVENTS: [&str; 11] = [
     "connected",
     "boot",
     "armed",
@@ -113,6 +113,9 @@ pub const KNOWN_EVENTS: [&str; 8] = [
     "detached",
     "warning",
     "sampled",
+    "allocated",
+    "free",
+    "special_pool_exhausted",
 ];
 
 /// What a line is.
@@ -292,6 +295,31 @@ mod tests {
                 boot: None,
                 one_in: 1,
                 reason: String::new(),
+                skipped: 0,
+            },
+            EventRecord::Allocated {
+                time: UNIX_EPOCH,
+                boot: 1,
+                hit: 1,
+                address: 0x1000,
+            },
+            EventRecord::Free {
+                time: UNIX_EPOCH,
+                boot: 1,
+                hit: 1,
+                address: 0x1000,
+                processor: 0,
+                thread: 0,
+                arch: kdpilot_capture::record::Arch::X64,
+                breakpoint: String::new(),
+                frames: Vec::new(),
+                same_stack_as: None,
+            },
+            EventRecord::SpecialPoolExhausted {
+                time: UNIX_EPOCH,
+                boot: 1,
+                quiet_secs: 1,
+                switched: false,
             },
         ];
         for e in &events {

@@ -300,6 +300,7 @@ impl<W: Write> SynthCapture<W> {
             breakpoint: "nt!ExAllocateHeapSpecialPool".into(),
             strategy: "special-pool".into(),
             frames,
+            same_stack_as: None,
         }
     }
 

@@ -337,6 +337,7 @@ mod tests {
             breakpoint: "nt!ExAllocateHeapSpecialPool".into(),
             strategy: "auto".into(),
             frames: t.frames.iter().map(|s| frame(s)).collect(),
+            same_stack_as: None,
         }
     }
 

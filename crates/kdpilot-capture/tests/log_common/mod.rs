@@ -159,6 +159,7 @@ pub fn x64_hit(n: usize) -> HitRecord {
         breakpoint: "nt!ExAllocateHeapSpecialPool".into(),
         strategy: "special-pool".into(),
         frames: all.into_iter().take(n).collect(),
+        same_stack_as: None,
     }
 }
 
@@ -226,6 +227,7 @@ pub fn x86_hit() -> HitRecord {
         breakpoint: "nt!MmAllocateSpecialPool".into(),
         strategy: "breakpoint".into(),
         frames,
+        same_stack_as: None,
     }
 }
 
@@ -281,12 +283,50 @@ pub fn events() -> Vec<EventRecord> {
             boot: Some(3),
             one_in: 4,
             reason: "the target was frozen 12 s in the last minute".into(),
+            skipped: 0,
         },
         EventRecord::Sampled {
             time: t(7000),
             boot: Some(3),
             one_in: 1,
             reason: String::new(),
+            skipped: 37,
+        },
+        EventRecord::Allocated {
+            time: t(7100),
+            boot: 3,
+            hit: 17,
+            address: 0xffff_c900_0001_2fb0,
+        },
+        EventRecord::Free {
+            time: t(7200),
+            boot: 3,
+            hit: 17,
+            address: 0xffff_c900_0001_2fb0,
+            processor: 1,
+            thread: 0xffff_a000_0000_1080,
+            arch: Arch::X64,
+            breakpoint: "nt!ExFreeHeapSpecialPool".into(),
+            frames: x64_hit(3).frames,
+            same_stack_as: None,
+        },
+        EventRecord::Free {
+            time: t(7300),
+            boot: 3,
+            hit: 18,
+            address: 0xffff_c900_0001_4fb0,
+            processor: 0,
+            thread: 0xffff_a000_0000_1080,
+            arch: Arch::X64,
+            breakpoint: "nt!ExFreeHeapSpecialPool".into(),
+            frames: Vec::new(),
+            same_stack_as: Some(17),
+        },
+        EventRecord::SpecialPoolExhausted {
+            time: t(7400),
+            boot: 3,
+            quiet_secs: 600,
+            switched: true,
         },
         EventRecord::Detached {
             time: t(8000),
