@@ -161,6 +161,8 @@ async fn run(baud: u32, hardware: bool, hits: u64) -> Run {
         duration: Some(Duration::from_secs(900)),
         hardware_breakpoint: hardware,
         measure: true,
+        track_frees: false,
+        guards: kdpilot_capture::engine::Guards::default(),
     };
     let mut costs = Vec::new();
     let mut hit_times = Vec::new();

@@ -88,6 +88,8 @@ async fn run(
         duration: Some(Duration::from_secs(90)),
         hardware_breakpoint: sc.hardware,
         measure: true,
+        track_frees: false,
+        guards: kdpilot_capture::engine::Guards::default(),
     };
     let mut capture = Capture::new(options, |e| events.push(e.clone())).unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);
@@ -419,6 +421,8 @@ async fn lost_links_lose_and_repeat_no_hit() {
             // The cuts at the single step need the int3 path (step over, re-plant).
             hardware_breakpoint: false,
             measure: false,
+            track_frees: false,
+            guards: kdpilot_capture::engine::Guards::default(),
         };
         let mut capture = Capture::new(options, |e| events.push(e.clone())).unwrap();
         let stop = std::sync::atomic::AtomicBool::new(false);

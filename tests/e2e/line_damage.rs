@@ -222,6 +222,8 @@ async fn capture(
         duration: Some(Duration::from_secs(90)),
         hardware_breakpoint: true,
         measure: false,
+        track_frees: false,
+        guards: kdpilot_capture::engine::Guards::default(),
     };
     let mut capture = Capture::new(options, |e| events.push(e.clone())).unwrap();
     let n = capture

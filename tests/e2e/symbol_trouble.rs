@@ -113,6 +113,8 @@ async fn a_capture_with_a_dead_symbol_server_records_module_offset_frames_and_sa
             duration: Some(Duration::from_secs(100)),
             hardware_breakpoint: true,
             measure: false,
+        track_frees: false,
+        guards: kdpilot_capture::engine::Guards::default(),
         };
         let mut capture =
             Capture::new(options, |e| events.push((started.elapsed(), e.clone()))).unwrap();

@@ -16,6 +16,7 @@
 //! the kernel's PoolHitTag break, single steps, foreign breakpoints and exceptions. DbgPrint,
 //! DbgPrompt and file requests are answered by the KD client below.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -34,7 +35,7 @@ use kdpilot_symbols::{
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::record::{FrameRecord, HitRecord};
+use crate::record::{EventRecord, FrameRecord, HitRecord};
 use crate::strategy::{plan, unloaded_module, ArgLayout, Plan, StrategyChoice, StrategyError};
 
 /// What a capture does.
@@ -59,6 +60,60 @@ pub struct CaptureOptions {
     /// Measure each hit's stack bytes the unwind needed (a second walk from the cache, no line
     /// traffic): `HitCost::stack_touched`, for benchmarks.
     pub measure: bool,
+    /// `--track-frees`: learn each allocation's address (a one-shot int3 at the return into
+    /// the allocator's caller, reading rax/eax there) and catch the frees of those blocks
+    /// (a breakpoint on the special-pool free function, or PoolHitTag's free breaks), written
+    /// as `allocated` and `free` records.
+    pub track_frees: bool,
+    /// Guards for a long capture: frozen-time budget, per-stack cap, special pool exhaustion.
+    pub guards: Guards,
+}
+
+/// Guards for a night-long capture.
+#[derive(Clone, Debug)]
+pub struct Guards {
+    /// At most this much frozen time (the target stopped in the debugger) per `budget_window`;
+    /// above it only 1 hit in N is recorded (N doubles, and halves again when the target is
+    /// frozen less than a quarter of the budget). `None`: every hit is recorded.
+    pub frozen_budget: Option<Duration>,
+    /// The window the budget is measured over (a minute).
+    pub budget_window: Duration,
+    /// After this many hits with one stack, further hits with it are written without their
+    /// frames (`same_stack_as`): counted, not repeated. `None`: no cap.
+    pub stack_cap: Option<u64>,
+    /// What to do when special pool looks exhausted.
+    pub on_exhaustion: OnExhaustion,
+    /// Special pool counts as quiet after this long without a hit (and at least 10 times the
+    /// boot's mean interval between hits); then a PoolHitTag probe checks whether the tag is
+    /// still being allocated.
+    pub exhaustion_quiet: Duration,
+    /// How long the PoolHitTag probe listens.
+    pub probe_window: Duration,
+}
+
+impl Default for Guards {
+    fn default() -> Self {
+        Self {
+            frozen_budget: None,
+            budget_window: Duration::from_secs(60),
+            stack_cap: None,
+            on_exhaustion: OnExhaustion::Warn,
+            exhaustion_quiet: Duration::from_secs(300),
+            probe_window: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What a capture on special pool does when special pool looks exhausted (its breakpoint went
+/// quiet while the kernel still allocates the tag, in normal pool).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnExhaustion {
+    /// Do not probe.
+    Off,
+    /// Probe, and warn (`special_pool_exhausted` record) when the tag is still allocated.
+    Warn,
+    /// Probe, warn, and follow the tag with nt!PoolHitTag for the rest of the boot.
+    PoolHitTag,
 }
 
 /// Dr7 bits of kdpilot's hardware breakpoint: L0 and G0 (DR0 enabled), R/W0 = LEN0 = 0
@@ -170,6 +225,8 @@ pub enum CaptureEvent {
     },
     /// A captured allocation.
     Hit(Box<HitRecord>),
+    /// A record for the logs as is: `allocated`, `free`, `sampled`, `special_pool_exhausted`.
+    Record(Box<EventRecord>),
     /// A boot ended: the kernel's "unload all" stop, or a new kernel base found after a link
     /// loss.
     Reboot {
@@ -313,6 +370,154 @@ struct BootState {
     old_hit_tag: Option<u32>,
     /// The `armed` event was emitted for this boot.
     announced: bool,
+    /// Extra int3 breakpoints planted (address -> handle): the free breakpoint and the
+    /// one-shot return breakpoints of `--track-frees`.
+    extra: BTreeMap<u64, u32>,
+    /// `--track-frees`: the free breakpoint (address, `nt!MmFreeSpecialPool`).
+    free_bp: Option<(u64, String)>,
+    /// `--track-frees`: allocations whose return (and address) is awaited.
+    pending_returns: Vec<PendingReturn>,
+    /// `--track-frees`: blocks of this boot not freed yet (address -> hit).
+    outstanding: HashMap<u64, u64>,
+    /// Special pool's hits in this boot, and the exhaustion probe.
+    special: SpecialWatch,
+}
+
+/// An allocation whose return into its caller is awaited (`--track-frees`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PendingReturn {
+    hit: u64,
+    thread: u64,
+    /// The return address: a one-shot int3 is planted there.
+    address: u64,
+}
+
+/// Special pool's hits in this boot and the PoolHitTag probe for its exhaustion.
+#[derive(Clone, Debug, Default)]
+struct SpecialWatch {
+    hits: u64,
+    first: Option<Instant>,
+    last: Option<Instant>,
+    /// A probe listens until then; PoolHitTag holds our tag (its old value kept here).
+    probe_until: Option<Instant>,
+    probe_old: Option<u32>,
+    /// A probe ran since the last hit (the next one waits for a hit).
+    probed: bool,
+    /// The probe found the tag still allocated: warned for this boot.
+    exhausted: bool,
+}
+
+impl SpecialWatch {
+    fn hit(&mut self, now: Instant) {
+        self.hits += 1;
+        self.first.get_or_insert(now);
+        self.last = Some(now);
+        self.probed = false;
+    }
+
+    /// Whether special pool has been quiet long enough to probe.
+    fn probe_due(&self, guards: &Guards, now: Instant) -> bool {
+        let (Some(first), Some(last)) = (self.first, self.last) else {
+            return false;
+        };
+        if self.hits < 3 || self.probed || self.exhausted || self.probe_until.is_some() {
+            return false;
+        }
+        let mean = last.duration_since(first) / u32::try_from(self.hits - 1).unwrap_or(u32::MAX);
+        let quiet = guards.exhaustion_quiet.max(mean.saturating_mul(10));
+        now.duration_since(last) >= quiet
+    }
+}
+
+/// Frozen-time accounting and 1-in-N sampling (`Guards::frozen_budget`).
+#[derive(Debug)]
+struct Sampler {
+    one_in: u64,
+    seen: u64,
+    skipped: u64,
+    window: VecDeque<(Instant, Duration)>,
+    last_change: Option<Instant>,
+}
+
+impl Default for Sampler {
+    fn default() -> Self {
+        Self {
+            one_in: 1,
+            seen: 0,
+            skipped: 0,
+            window: VecDeque::new(),
+            last_change: None,
+        }
+    }
+}
+
+impl Sampler {
+    fn frozen(&mut self, now: Instant, window: Duration) -> Duration {
+        while self
+            .window
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > window)
+        {
+            self.window.pop_front();
+        }
+        self.window.iter().map(|(_, d)| *d).sum()
+    }
+
+    /// A new rate when the frozen time calls for one: (one_in, reason).
+    fn adjust(&mut self, g: &Guards, now: Instant) -> Option<(u64, String)> {
+        let budget = g.frozen_budget?;
+        if self
+            .last_change
+            .is_some_and(|t| now.duration_since(t) < g.budget_window / 4)
+        {
+            return None;
+        }
+        let frozen = self.frozen(now, g.budget_window);
+        let window = g.budget_window.as_secs_f64();
+        if frozen > budget && self.one_in < 1024 {
+            self.one_in *= 2;
+            self.last_change = Some(now);
+            Some((
+                self.one_in,
+                format!(
+                    "the target was frozen {:.1} s in the last {window:.0} s, over the budget of {:.1} s",
+                    frozen.as_secs_f64(),
+                    budget.as_secs_f64()
+                ),
+            ))
+        } else if frozen < budget / 4 && self.one_in > 1 {
+            self.one_in /= 2;
+            self.last_change = Some(now);
+            Some((
+                self.one_in,
+                format!(
+                    "the target was frozen {:.1} s in the last {window:.0} s, under a quarter of the budget",
+                    frozen.as_secs_f64()
+                ),
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// Whether this hit is recorded.
+    fn take(&mut self) -> bool {
+        self.seen += 1;
+        if self.seen % self.one_in == 0 {
+            true
+        } else {
+            self.skipped += 1;
+            false
+        }
+    }
+}
+
+/// A stop at one of the extra breakpoints, or PoolHitTag's break during a probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Extra {
+    Return,
+    Free,
+    Probe,
 }
 
 /// How to leave a stop.
@@ -355,6 +560,13 @@ pub struct Capture<F: FnMut(&CaptureEvent)> {
     stats_done: LinkStats,
     stats_now: LinkStats,
     started: Instant,
+    sampler: Sampler,
+    /// Stacks seen (call sites joined) -> (count, first hit), for the per-stack cap; frees
+    /// separately.
+    stacks: HashMap<String, (u64, u64)>,
+    free_stacks: HashMap<String, (u64, u64)>,
+    /// Frees of blocks the capture did not learn (allocated before it, or sampled out).
+    unknown_frees: u64,
 }
 
 impl<F: FnMut(&CaptureEvent)> Capture<F> {
@@ -386,6 +598,10 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             stats_done: LinkStats::default(),
             stats_now: LinkStats::default(),
             started: Instant::now(),
+            sampler: Sampler::default(),
+            stacks: HashMap::new(),
+            free_stacks: HashMap::new(),
+            unknown_frees: 0,
         })
     }
 
@@ -570,6 +786,20 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                 _ => {}
             }
         }
+        if let Some(b) = &self.state {
+            for address in b.extra.keys() {
+                out.push(format!(
+                    "a breakpoint at {} ({address:#x})",
+                    b.modules.describe(*address, false)
+                ));
+            }
+            if let Some(old) = b.special.probe_old {
+                out.push(format!(
+                    "nt!PoolHitTag = {:#010x} (exhaustion probe), was {old:#010x}",
+                    self.options.tag
+                ));
+            }
+        }
         if self.in_flight.is_some() {
             out.push("the target may be stopped in the debugger (connect kd and type g)".into());
         }
@@ -602,6 +832,17 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             if last_status.elapsed() >= Duration::from_millis(500) {
                 last_status = Instant::now();
                 self.emit_status(LinkState::Up);
+            }
+            if let Some(start) = self.probe_action() {
+                let mut s = running.break_in(Duration::from_secs(30)).await?;
+                self.probe(&mut s, start).await?;
+                let st = s.state().clone();
+                running = if self.our_stop(&st).is_some() || self.extra_stop(&st).is_some() {
+                    self.handle_and_resume(s, false).await?
+                } else {
+                    self.go(s).await?
+                };
+                continue;
             }
             running = match running.wait_stop(Duration::from_millis(500)).await? {
                 WaitOutcome::StillRunning(r) => r,
@@ -652,6 +893,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
         let hits_before = self.hits;
         self.pending_cost = None;
         let r = self.handle_and_resume_inner(s, fresh).await?;
+        self.sampler.window.push_back((stop_at, stop_at.elapsed()));
         let now = r.stats().clone();
         if self.hits > hits_before {
             let before = &self.stats_at_resume;
@@ -694,8 +936,11 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             }
             Next::Go => self.go(s).await,
             Next::StepOver => {
+                let pc = s.state().program_counter;
                 if let Some(b) = &mut self.state {
-                    b.handle = None; // consumed at the stop (sheet 4.4)
+                    if matches!(b.plan, Some(Plan::Breakpoint { address, .. }) if address == pc) {
+                        b.handle = None; // consumed at the stop (sheet 4.4)
+                    }
                 }
                 let dr7 = self.dr7_for(&s);
                 let r = s.resume(&Continue2::single_step().with_dr7(dr7)).await?;
@@ -756,10 +1001,22 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             }
             return Ok(Next::UnloadAll);
         }
+        if state.is_breakpoint() {
+            // The kernel deletes a breakpoint at the PC it reports (sheet 4.4).
+            if let Some(b) = self.state.as_mut() {
+                b.extra.remove(&state.program_counter);
+            }
+        }
         let ours = self.our_stop(&state);
-        if fresh || self.state.is_none() || ours.is_none() {
+        let extra = self.extra_stop(&state);
+        if fresh || self.state.is_none() || (ours.is_none() && extra.is_none()) {
             let v = s.refresh_version().await?.clone();
             self.identify(s, &v, fresh).await?;
+        }
+        if let Some(kind) = self.extra_stop(&state) {
+            if ours.is_none() {
+                return self.handle_extra(s, kind).await;
+            }
         }
         if let StateInfo::LoadSymbols(ls) = &state.info {
             if !ls.is_unload() {
@@ -877,6 +1134,10 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                     if let Some(h) = b.handle.take() {
                         let _ = s.request(&api::RestoreBreakPoint { handle: h }).await;
                     }
+                    // The extra breakpoints may or may not still be there: planted again.
+                    for (_, h) in std::mem::take(&mut b.extra) {
+                        let _ = s.request(&api::RestoreBreakPoint { handle: h }).await;
+                    }
                 }
                 return Ok(());
             }
@@ -955,6 +1216,11 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             hit_tag_written: false,
             old_hit_tag: None,
             announced: false,
+            extra: BTreeMap::new(),
+            free_bp: None,
+            pending_returns: Vec::new(),
+            outstanding: HashMap::new(),
+            special: SpecialWatch::default(),
         };
         self.make_plan(&mut state)?;
         self.state = Some(state);
@@ -965,6 +1231,9 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
     fn make_plan(&mut self, state: &mut BootState) -> Result<(), CaptureError> {
         match plan(&self.options.strategy, &state.modules) {
             Ok(p) => {
+                if self.options.track_frees {
+                    state.free_bp = self.free_breakpoint(&p, &state.modules);
+                }
                 state.plan = Some(p);
                 state.awaiting = None;
                 Ok(())
@@ -985,6 +1254,35 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                 }
                 state.awaiting = Some(module);
                 Ok(())
+            }
+        }
+    }
+
+    /// `--track-frees`: where frees are caught. Special pool: its free function (only blocks
+    /// in special pool stop there). PoolHitTag: the kernel's own break on frees, no
+    /// breakpoint. Any other breakpoint: frees are not followed (the free functions are hot).
+    fn free_breakpoint(&mut self, plan: &Plan, modules: &ModuleSet) -> Option<(u64, String)> {
+        let Plan::Breakpoint { symbol, .. } = plan else {
+            return None;
+        };
+        let free = match symbol.as_str() {
+            "nt!MmAllocateSpecialPool" => "nt!MmFreeSpecialPool",
+            "nt!ExAllocateHeapSpecialPool" => "nt!ExFreeHeapSpecialPool",
+            _ => {
+                (self.emit)(&CaptureEvent::Warning(format!(
+                    "--track-frees with a breakpoint on {symbol}: allocation addresses are learnt, but frees \
+                     are followed only with --strategy special-pool or pool-hit-tag"
+                )));
+                return None;
+            }
+        };
+        match modules.resolve(free) {
+            Ok(address) => Some((address, free.to_string())),
+            Err(e) => {
+                (self.emit)(&CaptureEvent::Warning(format!(
+                    "--track-frees: {free} is not in the symbols ({e}): frees cannot be caught"
+                )));
+                None
             }
         }
     }
@@ -1103,6 +1401,54 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                     .await?;
                     b.hit_tag_written = true;
                 }
+            }
+        }
+        let wanted = self.wanted_extras();
+        let Some(b) = self.state.as_mut() else {
+            return Ok(());
+        };
+        for address in &wanted {
+            if b.extra.contains_key(address) {
+                continue;
+            }
+            match s.request(&api::WriteBreakPoint { address: *address }).await {
+                Ok(h) => {
+                    b.extra.insert(*address, h);
+                }
+                Err(KdError::Payload(PayloadError::Failed { .. })) => {
+                    // Already there (a reply lost before a link loss, or the table is full):
+                    // a return that cannot be caught leaves its block's address unknown.
+                    let lost: Vec<u64> = b
+                        .pending_returns
+                        .iter()
+                        .filter(|p| p.address == *address)
+                        .map(|p| p.hit)
+                        .collect();
+                    b.pending_returns.retain(|p| p.address != *address);
+                    if b.free_bp.as_ref().is_some_and(|(a, _)| a == address) {
+                        b.free_bp = None;
+                    }
+                    (self.emit)(&CaptureEvent::Warning(format!(
+                        "the target refused a breakpoint at {address:#x}: {}",
+                        if lost.is_empty() {
+                            "frees are not followed in this boot".to_string()
+                        } else {
+                            format!("the address of hit(s) {lost:?} is not learnt")
+                        }
+                    )));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let stale: Vec<u64> = b
+            .extra
+            .keys()
+            .filter(|a| !wanted.contains(a))
+            .copied()
+            .collect();
+        for address in stale {
+            if let Some(h) = b.extra.remove(&address) {
+                let _ = s.request(&api::RestoreBreakPoint { handle: h }).await;
             }
         }
         if !b.announced {
@@ -1241,9 +1587,9 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                     .map(|b| u64::from(u32::from_le_bytes(b))),
             }
         };
-        let Some(boot) = self.state.as_ref() else {
+        if self.state.is_none() {
             return Ok(ctx);
-        };
+        }
         let mut reader = CachedReader::new(TargetMemory(s));
         // x64 arguments are in registers: nothing to read. x86 (stdcall) arguments are above
         // the return address: read as much as the walker starts with, so the walk that follows
@@ -1262,6 +1608,46 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
         if args.tag.is_some() && tag != self.options.tag {
             return Ok(ctx); // another tag: not ours (breakpoint strategy filter)
         }
+        if matches!(plan, Plan::PoolHitTag { .. }) {
+            // PoolHitTag breaks on frees of the tag too: DbgBreakPoint is a leaf, [sp] is the
+            // return into its caller (ExFreePoolWithTag for a free). Served from the cache on
+            // x86; one small read on x64.
+            let width = if s_arch == Arch::Amd64 { 8 } else { 4 };
+            let word = reader
+                .read(regs.sp(), width)
+                .await
+                .map_err(|e| read_failed("the stack", &e))?;
+            let mut b = [0u8; 8];
+            for (d, v) in b.iter_mut().zip(word.iter()) {
+                *d = *v;
+            }
+            let ret = s_arch.canonical_address(u64::from_le_bytes(b));
+            let caller = self.state.as_ref().and_then(|b| {
+                b.modules
+                    .describe(ret, true)
+                    .symbol
+                    .as_deref()
+                    .map(str::to_string)
+            });
+            if caller.as_deref().is_some_and(is_free_function) {
+                drop(reader);
+                if self.options.track_frees {
+                    self.pooltag_free(s, &ctx).await?;
+                }
+                return Ok(ctx);
+            }
+        }
+        if symbol.contains("SpecialPool") {
+            if let Some(b) = self.state.as_mut() {
+                b.special.hit(Instant::now());
+            }
+        }
+        if !self.sample() {
+            return Ok(ctx);
+        }
+        let Some(boot) = self.state.as_ref() else {
+            return Ok(ctx);
+        };
         let trace = StackWalker::new(&boot.modules)
             .walk(&mut reader, regs)
             .await
@@ -1299,11 +1685,25 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             ..HitCost::default()
         });
         self.hits += 1;
-        let frames = trace
+        let frames: Vec<FrameRecord> = trace
             .frames
             .iter()
             .map(|f| frame_record(&boot.modules, f))
             .collect();
+        if self.options.track_frees {
+            self.await_return(&frames, state.thread);
+        }
+        let same_stack_as = capped(
+            &mut self.stacks,
+            self.options.guards.stack_cap,
+            &frames,
+            self.hits,
+        );
+        let frames = if same_stack_as.is_some() {
+            Vec::new()
+        } else {
+            frames
+        };
         let record = HitRecord {
             hit: self.hits,
             boot: self.boot,
@@ -1318,10 +1718,426 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             breakpoint: symbol,
             strategy: self.options.strategy.to_string(),
             frames,
-            same_stack_as: None,
+            same_stack_as,
         };
         (self.emit)(&CaptureEvent::Hit(Box::new(record)));
         Ok(ctx)
+    }
+
+    /// The sampling decision for an allocation (and a `sampled` record when the rate changes).
+    fn sample(&mut self) -> bool {
+        if let Some((one_in, reason)) = self.sampler.adjust(&self.options.guards, Instant::now()) {
+            let skipped = std::mem::take(&mut self.sampler.skipped);
+            let record = EventRecord::Sampled {
+                time: SystemTime::now(),
+                boot: Some(self.boot),
+                one_in,
+                reason,
+                skipped,
+            };
+            (self.emit)(&CaptureEvent::Record(Box::new(record)));
+        }
+        self.sampler.take()
+    }
+
+    /// `--track-frees`: plant a one-shot breakpoint where the allocator returns into its
+    /// caller (the first frame outside the pool functions), to read the block's address there.
+    fn await_return(&mut self, frames: &[FrameRecord], thread: u64) {
+        let hit = self.hits;
+        let Some(site) = frames.iter().skip(1).find(|f| !is_pool_internal(f)) else {
+            (self.emit)(&CaptureEvent::Warning(format!(
+                "hit {hit}: no caller outside the pool functions in its stack: its address cannot be learnt"
+            )));
+            return;
+        };
+        let Some(b) = self.state.as_mut() else {
+            return;
+        };
+        b.pending_returns.retain(|p| p.thread != thread);
+        b.pending_returns.push(PendingReturn {
+            hit,
+            thread,
+            address: site.address,
+        });
+        // The kernel has 32 breakpoints; returns that never came (a thread that died) give way.
+        if b.pending_returns.len() > MAX_PENDING_RETURNS {
+            let gone = b.pending_returns.remove(0);
+            (self.emit)(&CaptureEvent::Warning(format!(
+                "hit {}: its allocator never returned to {:#x} on its thread: its address is not known",
+                gone.hit, gone.address
+            )));
+        }
+    }
+
+    /// The function a leaf stop returns to (DbgBreakPoint has no prologue: `[sp]` is the
+    /// return address).
+    async fn leaf_caller<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        s: &mut Stopped<S>,
+        ctx: &Context,
+    ) -> Result<Option<String>, CaptureError> {
+        let arch = s.arch();
+        let sp = arch.canonical_address(ctx.sp());
+        let width = if arch == Arch::Amd64 { 8 } else { 4 };
+        let bytes = s.read_virtual(sp, width).await?;
+        let mut word = [0u8; 8];
+        for (d, b) in word.iter_mut().zip(bytes.iter()) {
+            *d = *b;
+        }
+        let ret = arch.canonical_address(u64::from_le_bytes(word));
+        Ok(self.state.as_ref().and_then(|b| {
+            b.modules
+                .describe(ret, true)
+                .symbol
+                .as_deref()
+                .map(str::to_string)
+        }))
+    }
+
+    /// The stack of a stop, symbolised.
+    async fn walk_frames<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        s: &mut Stopped<S>,
+        ctx: &Context,
+    ) -> Result<Vec<FrameRecord>, CaptureError> {
+        let Some(boot) = self.state.as_ref() else {
+            return Ok(Vec::new());
+        };
+        let mut reader = CachedReader::new(TargetMemory(s));
+        let trace = StackWalker::new(&boot.modules)
+            .walk(&mut reader, registers(ctx))
+            .await
+            .map_err(|e| read_failed("the stack", &e))?;
+        Ok(trace
+            .frames
+            .iter()
+            .map(|f| frame_record(&boot.modules, f))
+            .collect())
+    }
+
+    /// A free caught by PoolHitTag: the block is in a register the free function keeps it in
+    /// (x64) or its first argument (x86); only blocks this capture learnt are recorded.
+    async fn pooltag_free<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        s: &mut Stopped<S>,
+        ctx: &Context,
+    ) -> Result<(), CaptureError> {
+        let mut candidates = Vec::new();
+        if let Context::Amd64(c) = ctx {
+            use Amd64Reg::*;
+            for r in [Rbx, Rsi, Rdi, R12, R13, R14, R15, Rbp, Rcx, Rdx] {
+                candidates.push(c.get(r));
+            }
+        }
+        let known = self.known_block(&candidates, s.arch());
+        if known.is_none() && s.arch() == Arch::Amd64 {
+            // Not in a register: no stack walk for a block we never learnt.
+            self.unknown_frees += 1;
+            return Ok(());
+        }
+        let frames = self.walk_frames(s, ctx).await?;
+        let known = known.or_else(|| {
+            let args = frames.get(1).map(|f| f.args.clone()).unwrap_or_default();
+            self.known_block(&args, s.arch())
+        });
+        self.free_record(s, known, frames, "nt!PoolHitTag".into());
+        Ok(())
+    }
+
+    /// The first of `candidates` that is a block of this boot not freed yet.
+    fn known_block(&self, candidates: &[u64], arch: Arch) -> Option<u64> {
+        let b = self.state.as_ref()?;
+        candidates
+            .iter()
+            .map(|v| arch.canonical_address(*v))
+            .find(|v| *v != 0 && b.outstanding.contains_key(v))
+    }
+
+    /// Writes the `free` record of a block this capture learnt (or counts an unknown one).
+    fn free_record<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        s: &Stopped<S>,
+        block: Option<u64>,
+        frames: Vec<FrameRecord>,
+        breakpoint: String,
+    ) {
+        let state = s.state();
+        let hit = block.and_then(|a| self.state.as_mut()?.outstanding.remove(&a));
+        let (Some(address), Some(hit)) = (block, hit) else {
+            self.unknown_frees += 1;
+            return;
+        };
+        let same_stack_as = capped(
+            &mut self.free_stacks,
+            self.options.guards.stack_cap,
+            &frames,
+            hit,
+        );
+        let record = EventRecord::Free {
+            time: SystemTime::now(),
+            boot: self.boot,
+            hit,
+            address,
+            processor: state.processor,
+            thread: state.thread,
+            arch: s.arch().into(),
+            breakpoint,
+            frames: if same_stack_as.is_some() {
+                Vec::new()
+            } else {
+                frames
+            },
+            same_stack_as,
+        };
+        (self.emit)(&CaptureEvent::Record(Box::new(record)));
+    }
+
+    /// The PoolHitTag probe found the tag still allocated while special pool is quiet: warn,
+    /// and follow the tag with PoolHitTag from now on if the user allows it; this stop (an
+    /// allocation of the tag) is recorded either way.
+    async fn special_pool_exhausted<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        s: &mut Stopped<S>,
+    ) -> Result<(), CaptureError> {
+        let switch = self.options.guards.on_exhaustion == OnExhaustion::PoolHitTag;
+        let boot = self.boot;
+        let Some(b) = self.state.as_mut() else {
+            return Ok(());
+        };
+        let Ok(address) = b.modules.resolve("nt!PoolHitTag") else {
+            return Ok(());
+        };
+        let quiet_secs = b.special.last.map_or(0, |l| l.elapsed().as_secs());
+        b.special.exhausted = true;
+        b.special.probe_until = None;
+        let old = b.special.probe_old.take();
+        let plan = Plan::PoolHitTag {
+            address,
+            why: format!(
+                "special pool looks exhausted (no hit for {quiet_secs} s while the tag is still allocated): \
+                 --on-exhaustion pool-hit-tag follows the tag with nt!PoolHitTag for the rest of the boot"
+            ),
+        };
+        if switch {
+            if let Some(h) = b.handle.take() {
+                let _ = s.request(&api::RestoreBreakPoint { handle: h }).await;
+            }
+            // The Dr7 bits go with the next resume (dr7_for).
+            b.hw_planted = false;
+            b.plan = Some(plan.clone());
+            b.hit_tag_written = true;
+            b.old_hit_tag = old;
+            b.announced = false;
+        } else {
+            let old = old.unwrap_or(0);
+            s.request(&api::WriteVirtualMemory {
+                address,
+                data: old.to_le_bytes().to_vec(),
+            })
+            .await?;
+        }
+        let record = EventRecord::SpecialPoolExhausted {
+            time: SystemTime::now(),
+            boot,
+            quiet_secs,
+            switched: switch,
+        };
+        (self.emit)(&CaptureEvent::Record(Box::new(record)));
+        self.record(s, &plan).await?;
+        Ok(())
+    }
+
+    /// What the exhaustion probe should do now: `Some(true)` start, `Some(false)` end.
+    fn probe_action(&self) -> Option<bool> {
+        let g = &self.options.guards;
+        if g.on_exhaustion == OnExhaustion::Off {
+            return None;
+        }
+        let b = self.state.as_ref()?;
+        let special = matches!(&b.plan, Some(Plan::Breakpoint { symbol, .. }) if symbol.contains("SpecialPool"));
+        if !special {
+            return None;
+        }
+        let now = Instant::now();
+        match b.special.probe_until {
+            Some(until) => (now >= until).then_some(false),
+            None => b.special.probe_due(g, now).then_some(true),
+        }
+    }
+
+    /// Starts (writes our tag into PoolHitTag) or ends (restores it) the exhaustion probe, at
+    /// a break-in.
+    async fn probe<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        s: &mut Stopped<S>,
+        start: bool,
+    ) -> Result<(), CaptureError> {
+        let window = self.options.guards.probe_window;
+        let tag = self.options.tag;
+        let Some(b) = self.state.as_mut() else {
+            return Ok(());
+        };
+        let Ok(address) = b.modules.resolve("nt!PoolHitTag") else {
+            b.special.probed = true;
+            b.special.exhausted = true;
+            (self.emit)(&CaptureEvent::Warning(
+                "special pool has gone quiet, and nt!PoolHitTag is not in the kernel's symbols: \
+                 kdpilot cannot check whether special pool is exhausted"
+                    .into(),
+            ));
+            return Ok(());
+        };
+        let quiet = b.special.last.map_or(0, |l| l.elapsed().as_secs());
+        if start {
+            let old = s.read_virtual(address, 4).await?;
+            let old = <[u8; 4]>::try_from(old.as_slice()).map_or(0, u32::from_le_bytes);
+            s.request(&api::WriteVirtualMemory {
+                address,
+                data: tag.to_le_bytes().to_vec(),
+            })
+            .await?;
+            b.special.probe_old = Some(if old == tag { 0 } else { old });
+            b.special.probe_until = Some(Instant::now() + window);
+            b.special.probed = true;
+            (self.emit)(&CaptureEvent::Warning(format!(
+                "special pool has served no allocation of the tag for {quiet} s: watching nt!PoolHitTag for {} s \
+                 to see whether the kernel still allocates it (special pool exhausted?)",
+                window.as_secs()
+            )));
+        } else {
+            let old = b.special.probe_old.take().unwrap_or(0);
+            s.request(&api::WriteVirtualMemory {
+                address,
+                data: old.to_le_bytes().to_vec(),
+            })
+            .await?;
+            b.special.probe_until = None;
+            (self.emit)(&CaptureEvent::Warning(format!(
+                "the tag was not allocated while nt!PoolHitTag was watched ({} s): special pool is not exhausted, \
+                 the tag is quiet",
+                window.as_secs()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Which extra breakpoint (or probe) this stop is, if any.
+    fn extra_stop(&self, state: &StateChange) -> Option<Extra> {
+        let b = self.state.as_ref()?;
+        if !state.is_breakpoint() {
+            return None;
+        }
+        let pc = state.program_counter;
+        if b.pending_returns.iter().any(|p| p.address == pc) {
+            Some(Extra::Return)
+        } else if b.free_bp.as_ref().is_some_and(|(a, _)| *a == pc) {
+            Some(Extra::Free)
+        } else if b.special.probe_until.is_some() && is_hit_tag_break(&b.modules, pc) {
+            Some(Extra::Probe)
+        } else {
+            None
+        }
+    }
+
+    /// The extra breakpoints this boot wants planted.
+    fn wanted_extras(&self) -> BTreeSet<u64> {
+        let mut out = BTreeSet::new();
+        if let Some(b) = &self.state {
+            if let Some((a, _)) = &b.free_bp {
+                out.insert(*a);
+            }
+            out.extend(b.pending_returns.iter().map(|p| p.address));
+        }
+        out
+    }
+
+    /// A stop at an extra breakpoint: a return (the block's address), a free, or PoolHitTag's
+    /// break during an exhaustion probe.
+    async fn handle_extra<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        s: &mut Stopped<S>,
+        kind: Extra,
+    ) -> Result<Next, CaptureError> {
+        let state = s.state().clone();
+        let pc = state.program_counter;
+        let arch = s.arch();
+        match kind {
+            Extra::Return => {
+                let ctx = self.registers(s).await?;
+                let value = arch.canonical_address(match &ctx {
+                    Context::Amd64(c) => c.get(Amd64Reg::Rax),
+                    Context::X86(c) => c.get(X86Reg::Eax),
+                });
+                let boot = self.boot;
+                let mut record = None;
+                if let Some(b) = self.state.as_mut() {
+                    if let Some(i) = b
+                        .pending_returns
+                        .iter()
+                        .position(|p| p.address == pc && p.thread == state.thread)
+                    {
+                        let p = b.pending_returns.remove(i);
+                        if value != 0 {
+                            b.outstanding.insert(value, p.hit);
+                        }
+                        record = Some(EventRecord::Allocated {
+                            time: SystemTime::now(),
+                            boot,
+                            hit: p.hit,
+                            address: value,
+                        });
+                    }
+                }
+                if let Some(r) = record {
+                    (self.emit)(&CaptureEvent::Record(Box::new(r)));
+                }
+                // Another thread on its way through the same call site keeps it planted.
+                Ok(if self.wanted_extras().contains(&pc) {
+                    Next::StepOver
+                } else {
+                    Next::Go
+                })
+            }
+            Extra::Free => {
+                let ctx = self.registers(s).await?;
+                let first = match &ctx {
+                    Context::Amd64(c) => c.get(Amd64Reg::Rcx),
+                    Context::X86(_) => {
+                        let sp = arch.canonical_address(ctx.sp());
+                        let b = s.read_virtual(sp + 4, 4).await?;
+                        <[u8; 4]>::try_from(b.as_slice())
+                            .map_or(0, |b| u64::from(u32::from_le_bytes(b)))
+                    }
+                };
+                let symbol = self
+                    .state
+                    .as_ref()
+                    .and_then(|b| b.free_bp.as_ref().map(|(_, n)| n.clone()))
+                    .unwrap_or_default();
+                match self.known_block(&[first], arch) {
+                    Some(block) => {
+                        let frames = self.walk_frames(s, &ctx).await?;
+                        self.free_record(s, Some(block), frames, symbol);
+                    }
+                    None => self.unknown_frees += 1,
+                }
+                Ok(Next::StepOver)
+            }
+            Extra::Probe => {
+                let mut ctx = self.registers(s).await?;
+                let caller = self.leaf_caller(s, &ctx).await?;
+                if caller.as_deref().is_some_and(is_free_function) {
+                    if self.options.track_frees {
+                        self.pooltag_free(s, &ctx).await?;
+                    }
+                } else {
+                    self.special_pool_exhausted(s).await?;
+                }
+                ctx.set_pc(pc.wrapping_add(1));
+                self.set_pc(s, &ctx).await?;
+                Ok(Next::Go)
+            }
+        }
     }
 
     /// Removes everything planted and resumes.
@@ -1331,10 +2147,43 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
         reason: &str,
     ) -> Result<(), CaptureError> {
         let mut clean = true;
+        if self.sampler.skipped > 0 {
+            let record = EventRecord::Sampled {
+                time: SystemTime::now(),
+                boot: Some(self.boot),
+                one_in: self.sampler.one_in,
+                reason: "the capture ended while sampling".into(),
+                skipped: std::mem::take(&mut self.sampler.skipped),
+            };
+            (self.emit)(&CaptureEvent::Record(Box::new(record)));
+        }
         if let Some(b) = self.state.as_mut() {
             if let Some(h) = b.handle.take() {
                 // Fails when the kernel already consumed it at a stop: then it is gone too.
                 let _ = s.request(&api::RestoreBreakPoint { handle: h }).await;
+            }
+            for (_, h) in std::mem::take(&mut b.extra) {
+                let _ = s.request(&api::RestoreBreakPoint { handle: h }).await;
+            }
+            b.pending_returns.clear();
+            b.free_bp = None;
+            if let (Some(old), Ok(address)) = (
+                b.special.probe_old.take(),
+                b.modules.resolve("nt!PoolHitTag"),
+            ) {
+                b.special.probe_until = None;
+                if let Err(e) = s
+                    .request(&api::WriteVirtualMemory {
+                        address,
+                        data: old.to_le_bytes().to_vec(),
+                    })
+                    .await
+                {
+                    clean = false;
+                    (self.emit)(&CaptureEvent::Warning(format!(
+                        "could not restore nt!PoolHitTag to {old:#010x} after the exhaustion probe: {e}"
+                    )));
+                }
             }
             if let (Some(Plan::PoolHitTag { address, .. }), true) = (&b.plan, b.hit_tag_written) {
                 let old = b.old_hit_tag.unwrap_or(0);
@@ -1535,6 +2384,45 @@ pub fn hit_registers(arch: Arch) -> ContextRange {
         Arch::X86 => ContextRange::for_x86(&[X86Reg::Edi, X86Reg::Esp]),
     };
     r.unwrap_or(ContextRange::full(arch))
+}
+
+/// Return breakpoints awaited at once at most (the kernel has 32 breakpoints).
+const MAX_PENDING_RETURNS: usize = 16;
+
+/// A kernel free function (the caller of DbgBreakPoint for PoolHitTag's free break).
+fn is_free_function(name: &str) -> bool {
+    name.starts_with("ExFree") || name.starts_with("ExpFree") || name.starts_with("MmFree")
+}
+
+/// A frame inside the kernel's pool allocator (the return breakpoint goes past these, into
+/// the allocator's caller, where rax/eax is the block).
+fn is_pool_internal(f: &FrameRecord) -> bool {
+    f.module.as_deref() == Some("nt")
+        && f.function.as_deref().is_some_and(|n| {
+            n == "DbgBreakPoint"
+                || n.starts_with("ExAllocate")
+                || n.starts_with("ExpAllocate")
+                || n == "MmAllocateSpecialPool"
+                || n.starts_with("RtlpHp")
+        })
+}
+
+/// Counts a stack; past the cap, the hit number of its first occurrence (`same_stack_as`).
+fn capped(
+    seen: &mut HashMap<String, (u64, u64)>,
+    cap: Option<u64>,
+    frames: &[FrameRecord],
+    hit: u64,
+) -> Option<u64> {
+    let cap = cap?;
+    let key = frames
+        .iter()
+        .map(FrameRecord::call_site)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let entry = seen.entry(key).or_insert((0, hit));
+    entry.0 += 1;
+    (entry.0 > cap).then_some(entry.1)
 }
 
 /// Where the kernel breaks for PoolHitTag: the int3 of nt!DbgBreakPoint (break-ins and

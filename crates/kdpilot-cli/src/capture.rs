@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use clap::Args;
-use kdpilot_capture::engine::{Capture, CaptureEvent, CaptureOptions, ConnectError, Connector};
+use kdpilot_capture::engine::{
+    Capture, CaptureEvent, CaptureOptions, ConnectError, Connector, Guards, OnExhaustion,
+};
 use kdpilot_capture::log::{format_hit_text, resolve_log_paths, LogOptions, LogSink};
 use kdpilot_capture::record::{EventRecord, HitRecord};
 use kdpilot_capture::strategy::StrategyChoice;
@@ -62,6 +64,64 @@ pub struct CaptureArgs {
     /// Keep an HTML report of the JSON log up to date (rewritten every minute and at the end)
     #[arg(long, value_name = "FILE.html")]
     pub report: Option<PathBuf>,
+
+    /// Also learn each allocation's address (a one-shot breakpoint where the allocator
+    /// returns) and catch its free, for `kdpilot report --outstanding` (the leaks). Costs one
+    /// more stop per allocation and one per free of a captured block
+    #[arg(long)]
+    pub track_frees: bool,
+
+    /// Longest time the target may stay frozen in the debugger per minute (e.g. 20s); above
+    /// it only 1 hit in N is recorded (N doubles while over the budget, halves when well
+    /// under), and the log says so. `off`: record every hit whatever it costs
+    #[arg(long, value_name = "DURATION|off", default_value = "30s", value_parser = parse_budget)]
+    pub frozen_budget: Budget,
+
+    /// After N hits with one stack, further hits with it are only counted (written without
+    /// their frames, as `same stack as hit K`). 0: no cap
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub stack_cap: u64,
+
+    /// When the special-pool breakpoint goes quiet, check with nt!PoolHitTag whether the tag
+    /// is still allocated (special pool exhausted): warn, follow the tag with pool-hit-tag for
+    /// the rest of the boot, or do not check
+    #[arg(long, value_enum, value_name = "ACTION", default_value = "warn")]
+    pub on_exhaustion: ExhaustionArg,
+
+    /// How long special pool must serve no hit (and at least 10 times the usual interval)
+    /// before that check
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub exhaustion_quiet: Duration,
+}
+
+/// `--frozen-budget`: a duration per minute, or none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget(pub Option<Duration>);
+
+fn parse_budget(s: &str) -> Result<Budget, String> {
+    match s.trim() {
+        "off" | "none" | "0" => Ok(Budget(None)),
+        other => {
+            let d = parse_duration(other)?;
+            if d > Duration::from_secs(60) {
+                return Err(format!(
+                    "--frozen-budget {other} is more than the minute it is measured over: use at most 60s, or off"
+                ));
+            }
+            Ok(Budget(Some(d)))
+        }
+    }
+}
+
+/// `--on-exhaustion`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExhaustionArg {
+    /// Check, and warn in the logs
+    Warn,
+    /// Check, warn, and follow the tag with nt!PoolHitTag for the rest of the boot
+    PoolHitTag,
+    /// Do not check
+    Off,
 }
 
 /// Rewrites the HTML report of the JSON log once a minute, off the capture's loop.
@@ -294,6 +354,19 @@ pub async fn run(args: CaptureArgs, plain: bool) -> anyhow::Result<()> {
         duration: args.duration,
         hardware_breakpoint: !args.software_breakpoint,
         measure: false,
+        track_frees: args.track_frees,
+        guards: Guards {
+            frozen_budget: args.frozen_budget.0,
+            stack_cap: (args.stack_cap > 0).then_some(args.stack_cap),
+            on_exhaustion: match args.on_exhaustion {
+                ExhaustionArg::Warn => OnExhaustion::Warn,
+                ExhaustionArg::PoolHitTag => OnExhaustion::PoolHitTag,
+                ExhaustionArg::Off => OnExhaustion::Off,
+            },
+            exhaustion_quiet: args.exhaustion_quiet,
+            probe_window: args.exhaustion_quiet.min(Duration::from_secs(60)),
+            ..Guards::default()
+        },
     };
     let now = SystemTime::now;
     let mut write_error: Option<anyhow::Error> = None;
@@ -394,6 +467,7 @@ pub async fn run(args: CaptureArgs, plain: bool) -> anyhow::Result<()> {
                 }
                 None
             }
+            CaptureEvent::Record(r) => Some((**r).clone()),
             CaptureEvent::Waiting { .. } | CaptureEvent::Status(_) | CaptureEvent::HitCost(_) => {
                 None
             }

@@ -102,6 +102,11 @@ async fn capture_demo(baud: u32) -> anyhow::Result<()> {
         duration: Some(Duration::from_secs(300)),
         report: None,
         software_breakpoint: false,
+        track_frees: false,
+        frozen_budget: crate::capture::Budget(Some(Duration::from_secs(30))),
+        stack_cap: 1000,
+        on_exhaustion: crate::capture::ExhaustionArg::Warn,
+        exhaustion_quiet: Duration::from_secs(300),
     };
     let result = crate::capture::run(args, false).await;
     target.abort();

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kdpilot_capture::engine::{CaptureEvent, LinkState};
-use kdpilot_capture::record::HitRecord;
+use kdpilot_capture::log::format_event_text;
+use kdpilot_capture::record::{EventRecord, HitRecord};
 
 /// What the status line shows.
 #[derive(Clone, Debug, Default)]
@@ -162,7 +163,9 @@ impl StatusView {
             }
             CaptureEvent::Hit(h) => {
                 self.snap.hits = h.hit.max(self.snap.hits);
-                self.stacks.insert(hash(&stack_key(h)));
+                if h.same_stack_as.is_none() {
+                    self.stacks.insert(hash(&stack_key(h)));
+                }
                 self.snap.unique_stacks = self.stacks.len();
                 self.recent_hits.push_back(now);
                 let top = h
@@ -202,6 +205,20 @@ impl StatusView {
                 None
             }
             CaptureEvent::HitCost(_) => None,
+            CaptureEvent::Record(r) => match &**r {
+                EventRecord::Free { hit, .. } => {
+                    self.snap.last_event = format!("free of hit {hit}");
+                    None
+                }
+                EventRecord::Sampled { .. } | EventRecord::SpecialPoolExhausted { .. } => {
+                    self.snap.last_event = r.kind().replace('_', " ");
+                    let text = format_event_text(r);
+                    // Without the text log's time stamp.
+                    let text = text.split_once("] ").map_or(text.as_str(), |(_, t)| t);
+                    Some(text.trim_end().to_string())
+                }
+                _ => None,
+            },
             CaptureEvent::Warning(w) => {
                 self.snap.last_event = "warning".into();
                 Some(format!("warning: {w}"))

@@ -55,6 +55,9 @@ fn capture_cmd(target: &str, flavour: &str, log: &Path, extra: &[&str]) -> Comma
         .arg(fixtures(flavour))
         .arg("--log")
         .arg(log)
+        // These tests compare every hit with the ground truth: no sampling, no stack cap
+        // (both are tested in tests/e2e/leaks.rs).
+        .args(["--frozen-budget", "off", "--stack-cap", "0"])
         .args(extra)
         .env_remove("_NT_SYMBOL_PATH")
         .env_remove("_NT_DEBUG_LOG_FILE_APPEND")
