@@ -213,7 +213,7 @@ async fn pool_hit_tag_capture_restores_the_tag() {
             arch: Arch::Amd64,
             flavour: "modern",
             strategy: StrategyChoice::PoolHitTag,
-            hits: 6,
+            hits: 16,
             reboot_every_hits: None,
             model: LineModel::clean(),
             hardware: true,
@@ -225,10 +225,18 @@ async fn pool_hit_tag_capture_restores_the_tag() {
             Some(0xffff_ff0f),
             "PoolHitTag restored"
         );
-        // Allocations and frees of the tag both break.
-        let truth: Vec<Vec<String>> = truth_stops(&activity, "nt!DbgBreakPoint", None);
+        // Allocations and frees of the tag both break; only allocations are hits (the
+        // frees, with --track-frees, are `free` records).
+        let truth: Vec<Vec<String>> =
+            truth_stops(&activity, "nt!DbgBreakPoint", Some(OpKind::Alloc));
         let got: Vec<Vec<String>> = records.iter().map(printed).collect();
         assert_eq!(got, truth[..got.len()]);
+        let frees = truth_stops(&activity, "nt!DbgBreakPoint", Some(OpKind::Free));
+        assert!(!frees.is_empty(), "the workload freed blocks of the tag");
+        assert!(records
+            .iter()
+            .all(|r| r.frames.get(1).and_then(|f| f.function.as_deref())
+                != Some("ExFreePoolWithTag")));
     })
     .await;
 }
