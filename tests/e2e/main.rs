@@ -3,6 +3,7 @@
 
 mod capture;
 mod client_sim;
+mod leaks;
 mod line_damage;
 mod support;
 mod symbol_trouble;
