@@ -567,6 +567,8 @@ pub struct Capture<F: FnMut(&CaptureEvent)> {
     free_stacks: HashMap<String, (u64, u64)>,
     /// Frees of blocks the capture did not learn (allocated before it, or sampled out).
     unknown_frees: u64,
+    /// The stop being handled counts against the frozen-time budget.
+    frozen_counts: bool,
 }
 
 impl<F: FnMut(&CaptureEvent)> Capture<F> {
@@ -602,6 +604,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             stacks: HashMap::new(),
             free_stacks: HashMap::new(),
             unknown_frees: 0,
+            frozen_counts: false,
         })
     }
 
@@ -892,8 +895,13 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
         let stop_at = Instant::now();
         let hits_before = self.hits;
         self.pending_cost = None;
+        self.frozen_counts = false;
         let r = self.handle_and_resume_inner(s, fresh).await?;
-        self.sampler.window.push_back((stop_at, stop_at.elapsed()));
+        // The budget is for what the capture makes the target pay: hits (recorded or
+        // sampled out), returns and frees; not a boot's symbol loading.
+        if self.frozen_counts {
+            self.sampler.window.push_back((stop_at, stop_at.elapsed()));
+        }
         let now = r.stats().clone();
         if self.hits > hits_before {
             let before = &self.stats_at_resume;
@@ -1570,6 +1578,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                 },
             ),
         };
+        self.frozen_counts = true;
         let ctx = self.registers(s).await?;
         let state = s.state().clone();
         let s_arch = s.arch();
@@ -2058,6 +2067,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
         s: &mut Stopped<S>,
         kind: Extra,
     ) -> Result<Next, CaptureError> {
+        self.frozen_counts = true;
         let state = s.state().clone();
         let pc = state.program_counter;
         let arch = s.arch();
@@ -2147,6 +2157,12 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
         reason: &str,
     ) -> Result<(), CaptureError> {
         let mut clean = true;
+        if self.unknown_frees > 0 {
+            (self.emit)(&CaptureEvent::Warning(format!(
+                "{} free(s) of blocks this capture did not learn (allocated before it, or sampled out) were resumed without a record",
+                std::mem::take(&mut self.unknown_frees)
+            )));
+        }
         if self.sampler.skipped > 0 {
             let record = EventRecord::Sampled {
                 time: SystemTime::now(),
