@@ -184,7 +184,14 @@ impl AllocationActivity {
                 8,
                 Some(FreeApi::PoolWithTag),
             ),
-            spec("LeakyAllocPushes", AllocApi::PoolWithTag, tag, 0x40, 1, None),
+            spec(
+                "LeakyAllocPushes",
+                AllocApi::PoolWithTag,
+                tag,
+                0x40,
+                1,
+                None,
+            ),
             spec("LeakyAllocViaPool2", AllocApi::Pool2, tag, 0x30, 1, None),
             spec(
                 "LeakyNoise",
@@ -253,8 +260,10 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario with its name.
-    pub const ALL: [(&'static str, Scenario); 2] =
-        [("leaky", Scenario::Leaky), ("leak-hunt", Scenario::LeakHunt)];
+    pub const ALL: [(&'static str, Scenario); 2] = [
+        ("leaky", Scenario::Leaky),
+        ("leak-hunt", Scenario::LeakHunt),
+    ];
 
     /// The scenario of a name (`leaky`, `leak-hunt`).
     pub fn from_name(name: &str) -> Option<Self> {

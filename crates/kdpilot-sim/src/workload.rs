@@ -17,9 +17,9 @@
 //! ([`TruthRecord::returns`]). A debugger int3 or an enabled hardware execution breakpoint there
 //! stops it, as a host that plants a one-shot breakpoint at the allocator's return address into
 //! the driver expects. The registers at such a stop are the callee's entry context after its
-//! `ret`: x64 `rip` = the return address, `rsp` + 8; x86 `eip` = the return address, `esp` + 4
-//! + the bytes the stdcall callee pops with its `ret N` (read from the callee's code, as the x86
-//! frame builder does). The return value register (`rax`/`eax`) holds the block at every return
+//! `ret`: x64 `rip` = the return address, `rsp` raised by 8; x86 `eip` = the return address,
+//! `esp` raised by 4 plus the bytes the stdcall callee pops with its `ret N` (read from the
+//! callee's code, as the x86 frame builder does). The return value register (`rax`/`eax`) holds the block at every return
 //! of an allocation's path (every function on it hands the block up, the kernel's own
 //! `DbgBreakPoint` of a PoolHitTag break included: the model does not reorder the path) and 0 at
 //! the returns of a free (void); the other volatile registers hold garbage. Nonvolatile

@@ -94,7 +94,11 @@ impl Kernel {
         let (nt_pdb, bases) = match arch {
             Arch::Amd64 => (
                 "ntkrnlmp.pdb",
-                [0xfffff804_1c600000u64, 0xfffff804_1c400000, 0xfffff804_2a010000],
+                [
+                    0xfffff804_1c600000u64,
+                    0xfffff804_1c400000,
+                    0xfffff804_2a010000,
+                ],
             ),
             Arch::X86 => ("ntkrpamp.pdb", [0x8280_0000, 0x8260_0000, 0x9a01_0000]),
         };
@@ -315,10 +319,7 @@ fn return_stops_x64_carry_the_block_and_unwind_to_the_callers() {
 
             let mut pcs = Vec::new();
             let mut retriggered = false;
-            loop {
-                let Some(stop) = w.step(&mut k).unwrap() else {
-                    break;
-                };
+            while let Some(stop) = w.step(&mut k).unwrap() {
                 let rec = w.truth[1].clone();
                 assert_eq!(stop.code, status::BREAKPOINT);
                 let ctx = k.context(stop.cpu).unwrap().clone();
@@ -395,7 +396,10 @@ fn return_stops_x86_pop_the_stdcall_arguments() {
             let api_name = format!("nt!{}", w.truth[0].path[4].split_once('!').unwrap().1);
             let ret = k.return_address(&pdbs, &driver, &api_name);
             k.bps.insert(ret);
-            let stop = w.step(&mut k).unwrap().expect("stops at the return address");
+            let stop = w
+                .step(&mut k)
+                .unwrap()
+                .expect("stops at the return address");
             assert_eq!(stop.pc, ret);
             let rec = w.truth[1].clone();
             let Context::X86(c) = k.context(stop.cpu).unwrap().clone() else {
@@ -424,11 +428,12 @@ fn return_stops_x86_pop_the_stdcall_arguments() {
             );
             let mut sp = esp;
             for frame in &stack[1..] {
-                let at = k.entry(&pdbs, &format!("{}!{}", frame.module, frame.function))
-                    + frame.offset;
-                let found = (0..0x1000u64).step_by(4).map(|o| sp + o).find(|a| {
-                    Arch::X86.canonical_address(u64::from(u32_at(&k.mem, *a))) == at
-                });
+                let at =
+                    k.entry(&pdbs, &format!("{}!{}", frame.module, frame.function)) + frame.offset;
+                let found = (0..0x1000u64)
+                    .step_by(4)
+                    .map(|o| sp + o)
+                    .find(|a| Arch::X86.canonical_address(u64::from(u32_at(&k.mem, *a))) == at);
                 sp = found.unwrap_or_else(|| panic!("{flavour}: {frame} not on the stack")) + 4;
             }
             k.bps.clear();
@@ -670,7 +675,10 @@ fn special_pool_fills_up_and_falls_back_to_normal_pool() {
         let truth = w.truth.clone();
         let out = outstanding(&truth);
         assert!(out.iter().all(|n| *n <= N), "{flavour}: never more than N");
-        let full_at = out.iter().position(|n| *n == N).expect("special pool fills");
+        let full_at = out
+            .iter()
+            .position(|n| *n == N)
+            .expect("special pool fills");
         // Every special allocation stopped at the breakpoint, and only those.
         let special: Vec<usize> = (0..truth.len())
             .filter(|i| truth[*i].kind == OpKind::Alloc && truth[*i].special_pool)
@@ -708,9 +716,7 @@ fn special_pool_fills_up_and_falls_back_to_normal_pool() {
             .collect();
         assert!(after.len() > 20, "{flavour}: allocations of the tag go on");
         assert!(after.iter().all(|t| !t.special_pool));
-        assert!(after
-            .iter()
-            .all(|t| t.path.iter().any(|p| p == normal_fn)));
+        assert!(after.iter().all(|t| t.path.iter().any(|p| p == normal_fn)));
         assert!(hits.iter().all(|h| *h <= leaked_full));
         // A reboot empties special pool: the next allocation of the tag goes there again.
         k.boot = 2;
