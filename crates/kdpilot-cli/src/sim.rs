@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use kdpilot_sim::{
     serve_with, Activity, AllocationActivity, Fault, FaultyLine, LineModel, Machine, MachineConfig,
-    NoActivity, RebootOptions, ScheduledFault, SessionEnd, TargetOptions,
+    NoActivity, RebootOptions, Scenario, ScheduledFault, SessionEnd, TargetOptions,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -22,6 +22,25 @@ pub enum SimArch {
     X64,
     /// 32-bit x86.
     X86,
+}
+
+/// The workload the simulated driver runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SimWorkload {
+    /// The leaky driver: four paths leak the tag, one frees it, noise of another tag.
+    Leaky,
+    /// A leak hunt: most allocations of the tag are freed, two known paths
+    /// (LeakyAllocPushes, LeakyAllocViaPool2) leak.
+    LeakHunt,
+}
+
+impl SimWorkload {
+    fn scenario(self) -> Scenario {
+        match self {
+            SimWorkload::Leaky => Scenario::Leaky,
+            SimWorkload::LeakHunt => Scenario::LeakHunt,
+        }
+    }
 }
 
 /// Arguments of `kdpilot sim`.
@@ -79,6 +98,16 @@ pub struct SimArgs {
     #[arg(long, value_name = "N", default_value_t = 5.0)]
     pub rate: f64,
 
+    /// What the leaky driver does: `leaky` (its paths leak the tag) or `leak-hunt` (most
+    /// allocations of the tag are freed, two known paths leak)
+    #[arg(long, value_enum, value_name = "NAME", default_value_t = SimWorkload::Leaky)]
+    pub workload: SimWorkload,
+
+    /// Special pool holds at most N blocks per boot; when full, allocations silently fall back
+    /// to normal pool until blocks are freed (default: unlimited)
+    #[arg(long, value_name = "N")]
+    pub special_pool_blocks: Option<u64>,
+
     /// Start with a boot: LoadSymbols stops for ntoskrnl, hal and the drivers
     #[arg(long)]
     pub boot: bool,
@@ -121,6 +150,9 @@ Scenarios:
                                                 a VM whose COM-port socket vanishes on restart
   kdpilot sim --hang-after 20 --hang-for 60     a target that stops answering for a minute
   kdpilot sim --bugcheck-after 30               a crash (KeBugCheckEx), then a reboot
+  kdpilot sim --workload leak-hunt --special-pool-blocks 50
+                                                most 'Leak' allocations are freed, two paths
+                                                leak; special pool fills up after 50 blocks
 
 The target keeps running when a host detaches; a new host can attach at any time.";
 
@@ -174,9 +206,10 @@ impl SimArgs {
         if self.rate <= 0.0 {
             return Ok((machine, None));
         }
-        let specs = AllocationActivity::leakydrv_specs(tag);
+        let specs = self.workload.scenario().specs(tag);
         let mut activity = AllocationActivity::from_fixture_dir(&dir, specs, self.seed, self.rate)
-            .with_context(|| format!("could not read the PDBs in {}", dir.display()))?;
+            .with_context(|| format!("could not read the PDBs in {}", dir.display()))?
+            .with_special_pool_blocks(self.special_pool_blocks);
         activity.reboot_every_hits = self.reboot_every_hits;
         Ok((machine, Some(activity)))
     }

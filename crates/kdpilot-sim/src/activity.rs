@@ -147,6 +147,71 @@ impl AllocationActivity {
         ]
     }
 
+    /// A leak hunt: most allocations of `tag` are freed (`leakydrv!LeakyFreeBalanced`, heavy)
+    /// and two known paths leak, never freed (`leakydrv!LeakyAllocPushes` through
+    /// ExAllocatePoolWithTag and `leakydrv!LeakyAllocViaPool2` through ExAllocatePool2, light),
+    /// with noise of another tag (`Nois`, `leakydrv!LeakyNoise`) that is always freed. Only
+    /// driver functions that really call the free API free (the workload finds the calls in
+    /// their code).
+    pub fn leak_hunt_specs(tag: u32) -> Vec<AllocationSpec> {
+        let path = |f: &str| -> Vec<String> {
+            [
+                "nt!KiCallDriverEntry",
+                "leakydrv!DriverEntry",
+                "leakydrv!LeakyWorker",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([format!("leakydrv!{f}")])
+            .collect()
+        };
+        let noise = u32::from_le_bytes(*b"Nois");
+        let spec = |f: &str, api, tag, size, weight, free| AllocationSpec {
+            path: path(f),
+            api,
+            tag,
+            size,
+            pool_type: if api == AllocApi::Pool2 { 0x40 } else { 0x200 },
+            weight,
+            free,
+        };
+        vec![
+            spec(
+                "LeakyFreeBalanced",
+                AllocApi::PoolWithTag,
+                tag,
+                0x50,
+                8,
+                Some(FreeApi::PoolWithTag),
+            ),
+            spec(
+                "LeakyAllocPushes",
+                AllocApi::PoolWithTag,
+                tag,
+                0x40,
+                1,
+                None,
+            ),
+            spec("LeakyAllocViaPool2", AllocApi::Pool2, tag, 0x30, 1, None),
+            spec(
+                "LeakyNoise",
+                AllocApi::PoolWithTag,
+                noise,
+                0x40,
+                3,
+                Some(FreeApi::PoolWithTag),
+            ),
+            spec(
+                "LeakyNoise",
+                AllocApi::Pool2,
+                noise,
+                0x18,
+                2,
+                Some(FreeApi::Pool),
+            ),
+        ]
+    }
+
     /// A workload over the images of a fixture directory (`ntoskrnl.exe` + its PDB, `hal.dll`,
     /// drivers), reading the PDBs there.
     pub fn from_fixture_dir(
@@ -171,6 +236,46 @@ impl AllocationActivity {
             }
         }
         Ok(Self::new(Workload::new(specs, pdbs, seed), rate))
+    }
+
+    /// Gives special pool a per-boot capacity of `blocks` outstanding blocks
+    /// ([`Workload::special_pool_blocks`]); `None`: unlimited (the default).
+    pub fn with_special_pool_blocks(mut self, blocks: Option<u64>) -> Self {
+        self.workload.special_pool_blocks = blocks;
+        self
+    }
+}
+
+/// The named workloads the simulator can run (`kdpilot sim --workload NAME`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Scenario {
+    /// The leaky driver ([`AllocationActivity::leakydrv_specs`]): four leaking paths of the
+    /// tag, one balanced path, noise.
+    #[default]
+    Leaky,
+    /// A leak hunt ([`AllocationActivity::leak_hunt_specs`]): most allocations of the tag are
+    /// freed, two known paths leak.
+    LeakHunt,
+}
+
+impl Scenario {
+    /// Every scenario with its name.
+    pub const ALL: [(&'static str, Scenario); 2] = [
+        ("leaky", Scenario::Leaky),
+        ("leak-hunt", Scenario::LeakHunt),
+    ];
+
+    /// The scenario of a name (`leaky`, `leak-hunt`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)
+    }
+
+    /// The scenario's allocations, with `tag` as the tag under investigation.
+    pub fn specs(self, tag: u32) -> Vec<AllocationSpec> {
+        match self {
+            Scenario::Leaky => AllocationActivity::leakydrv_specs(tag),
+            Scenario::LeakHunt => AllocationActivity::leak_hunt_specs(tag),
+        }
     }
 }
 

@@ -28,7 +28,7 @@ pub mod step;
 pub mod target;
 pub mod workload;
 
-pub use activity::AllocationActivity;
+pub use activity::{AllocationActivity, Scenario};
 pub use boot::MachineConfig;
 pub use kernel::{Cpu, DebugRegisters, Fault, Machine, Phase, Stop, Thread};
 pub use line::{FaultyLine, LineModel};

@@ -11,16 +11,41 @@
 //! execution breakpoint is there. The registers and stack at a stop are built from the images'
 //! unwind information ([`crate::frames`]) and the return addresses of the real `call`
 //! instructions ([`crate::callsites`]).
+//!
+//! When the innermost function has run, the operation returns through its path, innermost
+//! caller first: the CPU executes at the return address of each caller's `call`
+//! ([`TruthRecord::returns`]). A debugger int3 or an enabled hardware execution breakpoint there
+//! stops it, as a host that plants a one-shot breakpoint at the allocator's return address into
+//! the driver expects. The registers at such a stop are the callee's entry context after its
+//! `ret`: x64 `rip` = the return address, `rsp` raised by 8; x86 `eip` = the return address,
+//! `esp` raised by 4 plus the bytes the stdcall callee pops with its `ret N` (read from the
+//! callee's code, as the x86 frame builder does). The return value register (`rax`/`eax`) holds the block at every return
+//! of an allocation's path (every function on it hands the block up, the kernel's own
+//! `DbgBreakPoint` of a PoolHitTag break included: the model does not reorder the path) and 0 at
+//! the returns of a free (void); the other volatile registers hold garbage. Nonvolatile
+//! registers are those the caller had before the call, which the callee restored.
+//!
+//! Model choice for PoolHitTag frees: the kernel breaks (`DbgBreakPoint`) from inside
+//! ExFreePoolWithTag, which still needs the block afterwards, so it keeps P live across the
+//! call in a nonvolatile register: on x64 `rbx` = P at that stop. On x86 the block is
+//! ExFreePoolWithTag's first stdcall argument, on the stack above its return address (frame 1
+//! of the stop), as the driver pushed it.
+//!
+//! Special pool has a per-boot capacity in blocks ([`Workload::special_pool_blocks`], default
+//! unlimited): while that many special-pool blocks of this boot are not freed, allocations that
+//! would go to special pool silently take the normal path (classic `ExpAllocateNormalPool`,
+//! modern `RtlpHpAllocateHeap`), as the real kernel falls back when special pool is full; frees
+//! of special-pool blocks give room back and a reboot empties it.
 
 use std::collections::BTreeMap;
 
-use kdpilot_kd::context::{Amd64Reg, Context};
+use kdpilot_kd::context::{Amd64Reg, Context, X86Reg};
 use kdpilot_kd::wire::status;
 use kdpilot_kd::Arch;
 
 use crate::callsites::{calls_to, CallKind};
-use crate::frames::{build_amd64, FrameError, MappedImage, PathStep};
-use crate::frames_x86::build_x86;
+use crate::frames::{build_amd64, BuiltFrame, FrameError, MappedImage, PathStep};
+use crate::frames_x86::{build_x86, callee_pops};
 use crate::memory::Memory;
 use crate::pdbmap::PdbMap;
 
@@ -152,6 +177,19 @@ pub struct TruthRecord {
     pub kind: OpKind,
     /// The block: returned by the allocation, passed to the free.
     pub address: u64,
+    /// Where the debugger stopped it on the way back out (at a return address into a caller
+    /// on the path), in order. Kept apart from [`TruthRecord::stops`], which are entry stops.
+    pub returns: Vec<ReturnStop>,
+}
+
+/// A stop at a return address on an operation's way back out of its path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReturnStop {
+    /// The stack at the stop, innermost first: the caller at the return address
+    /// (`offset` = return address - function start), then its callers.
+    pub stack: Vec<TruthFrame>,
+    /// The return value register (`rax`/`eax`) there: the block for an allocation, 0 for a free.
+    pub value: u64,
 }
 
 /// What an operation of the workload is.
@@ -224,6 +262,12 @@ pub struct Workload {
     pub stack_base: u64,
     /// Frees due, in order: (spec, allocation record).
     pending_frees: std::collections::VecDeque<(AllocationSpec, usize)>,
+    /// How many special-pool blocks one boot can have outstanding (allocated and not freed);
+    /// `None`: unlimited. When it is full, allocations that would go to special pool take the
+    /// normal pool path instead, until special-pool blocks are freed or the machine reboots.
+    pub special_pool_blocks: Option<u64>,
+    /// (boot, special-pool blocks of that boot not freed yet).
+    special_outstanding: (u64, u64),
 }
 
 #[derive(Clone, Debug)]
@@ -233,6 +277,11 @@ struct InFlight {
     args: [u64; 4],
     next: usize,
     stopped_at: Option<u64>,
+    /// Return steps done (the way back out runs after every entry step has).
+    returned: usize,
+    /// The caller step `j` whose return address the operation is stopped at, if the stop was
+    /// a return stop.
+    stopped_return: Option<usize>,
 }
 
 /// Kernel functions the allocator path may go through after the API.
@@ -251,6 +300,8 @@ impl Workload {
             current: None,
             stack_base: 0xffff_f880_0100_0000,
             pending_frees: Default::default(),
+            special_pool_blocks: None,
+            special_outstanding: (0, 0),
         }
     }
 
@@ -399,6 +450,10 @@ impl Workload {
 
     fn start_allocation(&mut self, k: &mut dyn KernelView) -> Result<(), WorkloadError> {
         let hit_tag = self.kernel_u32(k, "PoolHitTag").unwrap_or(0);
+        if self.special_outstanding.0 != k.boot_id() {
+            // A new boot: special pool is empty again.
+            self.special_outstanding = (k.boot_id(), 0);
+        }
         let cpu = (self.seq % u64::from(k.processors().max(1))) as u16;
         let thread = self.stack_base(k.arch()) + 0x10_0000 + u64::from(cpu) * 0x1000;
         // A free that is due goes first (blocks of an earlier boot are gone with it).
@@ -413,9 +468,15 @@ impl Workload {
             let hit = hit_tag != 0 && spec.tag == hit_tag;
             let steps = self.free_path(&spec, api, a.special_pool, hit);
             let tag = if api == FreeApi::Pool { 0 } else { spec.tag };
+            if a.special_pool {
+                // The block goes back to special pool (the next allocation runs after this
+                // free has, so giving the room back now is the same).
+                self.special_outstanding.1 = self.special_outstanding.1.saturating_sub(1);
+            }
             self.truth.push(TruthRecord {
                 seq: self.seq,
                 stops: Vec::new(),
+                returns: Vec::new(),
                 path: steps.clone(),
                 kind: OpKind::Free,
                 cpu,
@@ -428,6 +489,8 @@ impl Workload {
                 args: [a.address, u64::from(tag), 0, 0],
                 next: 0,
                 stopped_at: None,
+                returned: 0,
+                stopped_return: None,
             });
             self.seq += 1;
             return Ok(());
@@ -455,7 +518,15 @@ impl Workload {
         };
         let special_tag = self.kernel_u32(k, "MmSpecialPoolTag").unwrap_or(0);
         let hit = hit_tag != 0 && spec.tag == hit_tag;
-        let special = !hit && special_matches(special_tag, spec.tag) && spec.size <= 4096 - 16;
+        // Special pool full: the allocation silently falls back to normal pool.
+        let room = self
+            .special_pool_blocks
+            .is_none_or(|cap| self.special_outstanding.1 < cap);
+        let special =
+            !hit && room && special_matches(special_tag, spec.tag) && spec.size <= 4096 - 16;
+        if special {
+            self.special_outstanding.1 += 1;
+        }
         let steps = self.kernel_path(&spec, special, hit);
         // Special pool puts the block at the end of its own page; normal pool packs blocks.
         let address = if special {
@@ -479,6 +550,7 @@ impl Workload {
             cpu,
             thread,
             stops: Vec::new(),
+            returns: Vec::new(),
             path: steps.clone(),
             special_pool: special,
             kind: OpKind::Alloc,
@@ -494,6 +566,8 @@ impl Workload {
             args: [spec.pool_type, spec.size, u64::from(spec.tag), 0],
             next: 0,
             stopped_at: None,
+            returned: 0,
+            stopped_return: None,
         });
         self.seq += 1;
         Ok(())
@@ -511,21 +585,26 @@ impl Workload {
         // debugger breakpoint re-planted without stepping over it, or the kernel's own int3 in
         // DbgBreakPoint that the host did not step past with SetContext, as WinDbg does), it
         // executes again: the same stop, again.
+        let stopped_return = cur.stopped_return.take();
         if let Some(pc) = cur.stopped_at.take() {
             let arch = k.arch();
             let at_pc = k
                 .context(rec.cpu)
                 .is_some_and(|c| arch.canonical_address(c.pc()) == pc);
             if at_pc && k.memory().read(pc, 1) == [0xCC] {
-                let stop = self.stop_here(
-                    k,
-                    &cur,
-                    cur.next.saturating_sub(1),
-                    status::BREAKPOINT,
-                    None,
-                    pc,
-                )?;
+                let stop = match stopped_return {
+                    Some(j) => self.return_stop(k, &cur, j, status::BREAKPOINT, None, pc)?,
+                    None => self.stop_here(
+                        k,
+                        &cur,
+                        cur.next.saturating_sub(1),
+                        status::BREAKPOINT,
+                        None,
+                        pc,
+                    )?,
+                };
                 cur.stopped_at = Some(pc);
+                cur.stopped_return = stopped_return;
                 self.current = Some(cur);
                 return Ok(Some(stop));
             }
@@ -556,24 +635,40 @@ impl Workload {
                 return Ok(Some(s));
             }
         }
+        // The way back out: into each caller at the return address of its call, innermost
+        // caller first.
+        while cur.returned + 1 < cur.steps.len() {
+            let j = cur.steps.len() - 2 - cur.returned;
+            cur.returned += 1;
+            let caller = cur.steps.get(j).cloned().unwrap_or_default();
+            let callee = cur.steps.get(j + 1).cloned().unwrap_or_default();
+            let ret = self.call_site(k, &caller, &callee)?;
+            let stop = if k.breakpoint_at(ret) {
+                Some((status::BREAKPOINT, None))
+            } else {
+                k.hardware_breakpoint_at(ret)
+                    .map(|n| (status::SINGLE_STEP, Some(n)))
+            };
+            if let Some((code, dr)) = stop {
+                let s = self.return_stop(k, &cur, j, code, dr, ret)?;
+                cur.stopped_at = dr.is_none().then_some(ret);
+                cur.stopped_return = Some(j);
+                self.current = Some(cur);
+                return Ok(Some(s));
+            }
+        }
         Ok(None)
     }
 
-    /// Builds the registers and stack for a stop at the entry of step `i` and records it.
-    fn stop_here(
+    /// The registers and stack of the thread at the entry of step `i` (written into memory),
+    /// with the ground-truth frames innermost first and the x86/x64 frames built.
+    fn entry_context(
         &mut self,
         k: &mut dyn KernelView,
         cur: &InFlight,
+        rec: &TruthRecord,
         i: usize,
-        code: u32,
-        dr6_hit: Option<u8>,
-        pc: u64,
-    ) -> Result<WorkloadStop, WorkloadError> {
-        let rec = self
-            .truth
-            .get(cur.record)
-            .cloned()
-            .ok_or(WorkloadError::Arch(k.arch()))?;
+    ) -> Result<(Context, Vec<TruthFrame>, Vec<BuiltFrame>), WorkloadError> {
         let names: Vec<String> = cur.steps.iter().take(i + 1).cloned().collect();
         let mut steps = Vec::with_capacity(names.len());
         let mut truth = Vec::with_capacity(names.len());
@@ -603,46 +698,164 @@ impl Workload {
         let top = self.stack_base(arch) + u64::from(rec.cpu) * 0x10000 + 0xF000;
         k.memory().map(top - 0x8000, 0x8000);
         let mut n = mix(self.seed ^ (rec.seq << 8));
-        let stopped = names.last().map(String::as_str).unwrap_or("");
-        let args = args_for(stopped, cur.args);
-        let ctx = match arch {
-            Arch::Amd64 => {
-                let (mut ctx, _) = build_amd64(k.memory(), &steps, top, || {
-                    n = mix(n);
-                    0xffff_a000_0000_0000 | (n & 0x0000_0fff_ffff_fff0)
-                })?;
-                // The arguments of the function stopped at, in registers.
-                if let Context::Amd64(c) = &mut ctx {
-                    c.set(Amd64Reg::Rcx, args[0]);
-                    c.set(Amd64Reg::Rdx, args[1]);
-                    c.set(Amd64Reg::R8, args[2]);
-                    c.set(Amd64Reg::R9, args[3]);
-                }
-                ctx
-            }
-            Arch::X86 => {
-                let (ctx, _) = build_x86(k.memory(), &steps, top, || {
-                    n = mix(n);
-                    0x8a00_0000 | (n & 0x00ff_fffc)
-                })?;
-                // stdcall: the arguments are above the return address.
-                let sp = Arch::X86.canonical_address(ctx.sp());
-                for (j, a) in args.iter().enumerate() {
-                    k.memory()
-                        .write(sp + 4 + 4 * j as u64, &(*a as u32).to_le_bytes());
-                }
-                ctx
-            }
+        let (ctx, frames) = match arch {
+            Arch::Amd64 => build_amd64(k.memory(), &steps, top, || {
+                n = mix(n);
+                0xffff_a000_0000_0000 | (n & 0x0000_0fff_ffff_fff0)
+            })?,
+            Arch::X86 => build_x86(k.memory(), &steps, top, || {
+                n = mix(n);
+                0x8a00_0000 | (n & 0x00ff_fffc)
+            })?,
         };
+        Ok((ctx, truth, frames))
+    }
+
+    /// Builds the registers and stack for a stop at the entry of step `i` and records it.
+    fn stop_here(
+        &mut self,
+        k: &mut dyn KernelView,
+        cur: &InFlight,
+        i: usize,
+        code: u32,
+        dr6_hit: Option<u8>,
+        pc: u64,
+    ) -> Result<WorkloadStop, WorkloadError> {
+        let rec = self
+            .truth
+            .get(cur.record)
+            .cloned()
+            .ok_or(WorkloadError::Arch(k.arch()))?;
+        let (mut ctx, truth, frames) = self.entry_context(k, cur, &rec, i)?;
+        let arch = k.arch();
+        let stopped = cur.steps.get(i).map(String::as_str).unwrap_or("");
+        let args = args_for(stopped, cur.args);
+        let hit_break = stopped.ends_with(HIT_BREAK);
+        match &mut ctx {
+            Context::Amd64(c) => {
+                // The arguments of the function stopped at, in registers.
+                c.set(Amd64Reg::Rcx, args[0]);
+                c.set(Amd64Reg::Rdx, args[1]);
+                c.set(Amd64Reg::R8, args[2]);
+                c.set(Amd64Reg::R9, args[3]);
+                if hit_break && rec.kind == OpKind::Free {
+                    // ExFreePoolWithTag keeps P live across its break in a nonvolatile register.
+                    c.set(Amd64Reg::Rbx, rec.address);
+                }
+            }
+            Context::X86(_) => {
+                // stdcall: the arguments are above the return address. DbgBreakPoint takes
+                // none: above its return address is its caller's frame, left as it is.
+                let sp = Arch::X86.canonical_address(ctx.sp());
+                if !hit_break {
+                    for (j, a) in args.iter().enumerate() {
+                        k.memory()
+                            .write(sp + 4 + 4 * j as u64, &(*a as u32).to_le_bytes());
+                    }
+                } else if let (Some(caller), Some(frame)) = (
+                    i.checked_sub(1).and_then(|c| cur.steps.get(c)),
+                    frames.get(1),
+                ) {
+                    // The API that breaks (frame 1) has its own arguments on the stack, as its
+                    // caller pushed them: P first for ExFreePoolWithTag.
+                    let caller_args = args_for(caller, cur.args);
+                    let count = (callee_pops(k.memory(), frame.function) / 4).min(4) as usize;
+                    for (j, a) in caller_args.iter().take(count).enumerate() {
+                        k.memory().write(
+                            frame.entry_sp + 4 + 4 * j as u64,
+                            &(*a as u32).to_le_bytes(),
+                        );
+                    }
+                }
+            }
+        }
         // Inside the function (the int3 of DbgBreakPoint) the stack is still the entry's: a
         // leaf with no prologue.
-        let mut ctx = ctx;
         if pc != arch.canonical_address(ctx.pc()) {
             ctx.set_pc(pc);
         }
         k.set_context(rec.cpu, ctx);
         if let Some(r) = self.truth.get_mut(cur.record) {
             r.stops.push(truth);
+        }
+        Ok(WorkloadStop {
+            cpu: rec.cpu,
+            code,
+            pc,
+            thread: rec.thread,
+            dr6_hit,
+        })
+    }
+
+    /// Builds the registers and stack for a stop at the return address `pc` in caller step `j`
+    /// (right after step `j + 1` returned) and records it: the callee's entry context with the
+    /// return address popped (and, on x86, the stdcall arguments the callee pops).
+    fn return_stop(
+        &mut self,
+        k: &mut dyn KernelView,
+        cur: &InFlight,
+        j: usize,
+        code: u32,
+        dr6_hit: Option<u8>,
+        pc: u64,
+    ) -> Result<WorkloadStop, WorkloadError> {
+        let rec = self
+            .truth
+            .get(cur.record)
+            .cloned()
+            .ok_or(WorkloadError::Arch(k.arch()))?;
+        let (mut ctx, mut truth, frames) = self.entry_context(k, cur, &rec, j + 1)?;
+        // The callee's frame is gone; the caller is at the return address.
+        if !truth.is_empty() {
+            truth.remove(0);
+        }
+        let value = match rec.kind {
+            OpKind::Alloc => rec.address,
+            OpKind::Free => 0,
+        };
+        let mut n = mix(self.seed ^ (rec.seq << 8) ^ 0x7265_7475_726e);
+        let mut garbage = || {
+            n = mix(n);
+            n
+        };
+        let callee = frames.first().map_or(0, |f| f.function);
+        match &mut ctx {
+            Context::Amd64(c) => {
+                let rsp = c.get(Amd64Reg::Rsp);
+                c.set(Amd64Reg::Rsp, rsp + 8);
+                c.set(Amd64Reg::Rip, pc);
+                c.set(Amd64Reg::Rax, value);
+                for r in [
+                    Amd64Reg::Rcx,
+                    Amd64Reg::Rdx,
+                    Amd64Reg::R8,
+                    Amd64Reg::R9,
+                    Amd64Reg::R10,
+                    Amd64Reg::R11,
+                ] {
+                    c.set(r, garbage());
+                }
+            }
+            Context::X86(c) => {
+                let pops = callee_pops(k.memory(), callee);
+                let esp = c.get(X86Reg::Esp) as u32;
+                c.set(
+                    X86Reg::Esp,
+                    u64::from(esp.wrapping_add(4).wrapping_add(pops)),
+                );
+                c.set(X86Reg::Eip, pc & 0xFFFF_FFFF);
+                c.set(X86Reg::Eax, value & 0xFFFF_FFFF);
+                for r in [X86Reg::Ecx, X86Reg::Edx] {
+                    c.set(r, garbage() & 0xFFFF_FFFF);
+                }
+            }
+        }
+        k.set_context(rec.cpu, ctx);
+        if let Some(r) = self.truth.get_mut(cur.record) {
+            r.returns.push(ReturnStop {
+                stack: truth,
+                value,
+            });
         }
         Ok(WorkloadStop {
             cpu: rec.cpu,
