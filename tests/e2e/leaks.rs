@@ -11,7 +11,7 @@ use kdpilot_capture::record::{EventRecord, HitRecord};
 use kdpilot_capture::strategy::StrategyChoice;
 use kdpilot_kd::client::EventSink;
 use kdpilot_kd::Arch;
-use kdpilot_sim::workload::{AllocationSpec, OpKind};
+use kdpilot_sim::workload::{AllocationSpec, OpKind, TruthRecord};
 use kdpilot_sim::{
     serve_with, AllocationActivity, FaultyLine, LineModel, Machine, MachineConfig, TargetOptions,
 };
@@ -146,7 +146,27 @@ async fn run(r: Run) -> Outcome {
 }
 
 fn set_special_pool_blocks(activity: &mut AllocationActivity, blocks: Option<u64>) {
-    let _ = (activity, blocks);
+    activity.workload.special_pool_blocks = blocks;
+}
+
+/// The truth's allocations (or frees) that stopped at `function`, in order.
+fn truth_ops<'a>(
+    activity: &'a AllocationActivity,
+    function: &str,
+    kind: OpKind,
+) -> Vec<&'a TruthRecord> {
+    activity
+        .workload
+        .truth
+        .iter()
+        .filter(|t| t.kind == kind)
+        .filter(|t| {
+            t.stops.iter().any(|s| {
+                s.first()
+                    .is_some_and(|f| format!("{}!{}", f.module, f.function) == function)
+            })
+        })
+        .collect()
 }
 
 /// The truth's stops whose innermost frame is `function`, as call sites.
@@ -214,7 +234,11 @@ async fn a_frozen_budget_samples_hits_and_says_so() {
         let mut t = truth.iter();
         for h in &hits {
             let p = printed(&h.frames);
-            assert!(t.any(|s| *s == p), "hit {} is not a true stop: {p:?}", h.hit);
+            assert!(
+                t.any(|s| *s == p),
+                "hit {} is not a true stop: {p:?}",
+                h.hit
+            );
         }
     })
     .await;
@@ -254,6 +278,220 @@ async fn the_stack_cap_counts_repeated_stacks_without_losing_them() {
             full.values().all(|v| v.len() <= 2),
             "at most 2 full records per stack: {full:?}"
         );
+    })
+    .await;
+}
+
+/// The driver function that made an operation (the last `leakydrv!` step of its path).
+fn driver_function(t: &TruthRecord) -> String {
+    t.path
+        .iter()
+        .rev()
+        .find(|p| p.starts_with("leakydrv!"))
+        .cloned()
+        .unwrap_or_default()
+}
+
+const LEAKING: [&str; 2] = ["leakydrv!LeakyAllocPushes", "leakydrv!LeakyAllocViaPool2"];
+
+#[tokio::test]
+async fn track_frees_pairs_every_captured_allocation_with_its_free() {
+    bounded(async {
+        for (arch, flavour, strategy, stop_at, free_at) in [
+            (
+                Arch::Amd64,
+                "modern",
+                StrategyChoice::SpecialPool,
+                "nt!ExAllocateHeapSpecialPool",
+                "nt!ExFreeHeapSpecialPool",
+            ),
+            (
+                Arch::Amd64,
+                "classic",
+                StrategyChoice::SpecialPool,
+                "nt!MmAllocateSpecialPool",
+                "nt!MmFreeSpecialPool",
+            ),
+            (
+                Arch::X86,
+                "classic",
+                StrategyChoice::SpecialPool,
+                "nt!MmAllocateSpecialPool",
+                "nt!MmFreeSpecialPool",
+            ),
+            (
+                Arch::Amd64,
+                "modern",
+                StrategyChoice::PoolHitTag,
+                "nt!DbgBreakPoint",
+                "nt!DbgBreakPoint",
+            ),
+            (
+                Arch::X86,
+                "classic",
+                StrategyChoice::PoolHitTag,
+                "nt!DbgBreakPoint",
+                "nt!DbgBreakPoint",
+            ),
+        ] {
+            let what = format!("{arch} {flavour} {strategy}");
+            let mut r = Run::new(arch, flavour);
+            r.strategy = strategy;
+            r.specs = AllocationActivity::leak_hunt_specs(LEAK);
+            r.hits = 30;
+            r.track_frees = true;
+            let out = run(r).await;
+            let hits = out.hits();
+            assert_eq!(hits.len(), 30, "{what}");
+            let allocs = truth_ops(&out.activity, stop_at, OpKind::Alloc);
+            let records = out.records();
+            let mut learnt = std::collections::BTreeMap::new();
+            for e in &records {
+                if let EventRecord::Allocated { hit, address, .. } = e {
+                    let t = allocs[(*hit - 1) as usize];
+                    assert_eq!(*address, t.address, "{what}: hit {hit}'s address");
+                    learnt.insert(*address, *hit);
+                }
+            }
+            // Only the last hit's return may still be on its way when the capture ends.
+            assert!(learnt.len() >= hits.len() - 1, "{what}: {} learnt", learnt.len());
+            let mut freed = std::collections::BTreeSet::new();
+            for e in &records {
+                if let EventRecord::Free {
+                    hit,
+                    address,
+                    frames,
+                    ..
+                } = e
+                {
+                    assert_eq!(learnt.get(address), Some(hit), "{what}: free of {address:#x}");
+                    let op = out
+                        .activity
+                        .workload
+                        .truth
+                        .iter()
+                        .find(|t| t.kind == OpKind::Free && t.address == *address)
+                        .expect("a true free");
+                    assert_eq!(
+                        printed(frames),
+                        op.stops[0].iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        "{what}: the freeing stack of hit {hit}"
+                    );
+                    assert!(freed.insert(*hit), "{what}: hit {hit} freed twice");
+                }
+            }
+            // Every free of a learnt block that stopped at the free breakpoint is recorded.
+            for t in truth_ops(&out.activity, free_at, OpKind::Free) {
+                if let Some(hit) = learnt.get(&t.address) {
+                    assert!(freed.contains(hit), "{what}: the free of hit {hit} is missing");
+                }
+            }
+            assert!(!freed.is_empty(), "{what}: frees were caught");
+            // What is left outstanding is exactly the leaking paths (and at most the last
+            // balanced allocation, whose free had not come yet).
+            let mut balanced_left = 0;
+            for (address, hit) in &learnt {
+                let t = allocs[(*hit - 1) as usize];
+                let f = driver_function(t);
+                if LEAKING.contains(&f.as_str()) {
+                    assert!(!freed.contains(hit), "{what}: a leak was freed: {address:#x}");
+                } else if !freed.contains(hit) {
+                    balanced_left += 1;
+                }
+            }
+            assert!(balanced_left <= 1, "{what}: {balanced_left} balanced allocations not freed");
+            assert!(
+                learnt
+                    .values()
+                    .any(|h| LEAKING.contains(&driver_function(allocs[(*h - 1) as usize]).as_str())),
+                "{what}: the workload leaked something"
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn special_pool_exhaustion_is_noticed_and_followed_with_pool_hit_tag() {
+    bounded(async {
+        for switch in [true, false] {
+            let mut r = Run::new(Arch::Amd64, "modern");
+            // Special pool holds 4 blocks; the default workload mostly leaks: it fills up.
+            r.special_pool_blocks = Some(4);
+            r.hits = if switch { 12 } else { 100 };
+            r.limit = Duration::from_secs(if switch { 30 } else { 8 });
+            r.guards = Guards {
+                on_exhaustion: if switch {
+                    kdpilot_capture::engine::OnExhaustion::PoolHitTag
+                } else {
+                    kdpilot_capture::engine::OnExhaustion::Warn
+                },
+                exhaustion_quiet: Duration::from_secs(1),
+                probe_window: Duration::from_secs(3),
+                ..Guards::default()
+            };
+            let out = run(r).await;
+            let hits = out.hits();
+            let exhausted: Vec<bool> = out
+                .records()
+                .iter()
+                .filter_map(|e| match e {
+                    EventRecord::SpecialPoolExhausted { switched, .. } => Some(*switched),
+                    _ => None,
+                })
+                .collect();
+            let warnings: Vec<&String> = out
+                .events
+                .iter()
+                .filter_map(|e| match e {
+                    CaptureEvent::Warning(w) => Some(w),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(
+                exhausted,
+                vec![switch],
+                "one special_pool_exhausted record; {} hits, warnings {warnings:?}",
+                hits.len()
+            );
+            let special = hits
+                .iter()
+                .filter(|h| h.breakpoint == "nt!ExAllocateHeapSpecialPool")
+                .count();
+            let special_truth = truth_stops(&out.activity, "nt!ExAllocateHeapSpecialPool");
+            assert_eq!(
+                special,
+                special_truth.len(),
+                "every special-pool hit recorded"
+            );
+            let by_tag: Vec<&HitRecord> = hits
+                .iter()
+                .filter(|h| h.breakpoint == "nt!PoolHitTag")
+                .collect();
+            let tag_truth = truth_stops(&out.activity, "nt!DbgBreakPoint");
+            let got: Vec<Vec<String>> = by_tag.iter().map(|h| printed(&h.frames)).collect();
+            assert_eq!(
+                got,
+                tag_truth[..got.len()],
+                "PoolHitTag hits are true stops"
+            );
+            if switch {
+                assert_eq!(hits.len(), 12);
+                assert!(
+                    by_tag.len() > 1,
+                    "the capture followed the tag with PoolHitTag"
+                );
+                assert!(out.events.iter().any(|e| matches!(e,
+                    CaptureEvent::Armed { target, .. } if target == "nt!PoolHitTag")));
+            } else {
+                assert_eq!(by_tag.len(), 1, "warn: only the probe's allocation");
+            }
+            assert_eq!(
+                out.machine.pool_hit_tag(),
+                Some(0xffff_ff0f),
+                "PoolHitTag restored"
+            );
+        }
     })
     .await;
 }

@@ -415,15 +415,21 @@ impl SpecialWatch {
         self.probed = false;
     }
 
-    /// Whether special pool has been quiet long enough to probe.
+    /// Whether special pool has been quiet long enough to probe: since its last hit, or since
+    /// it was armed (a special pool already full when the capture started never hits).
     fn probe_due(&self, guards: &Guards, now: Instant) -> bool {
-        let (Some(first), Some(last)) = (self.first, self.last) else {
+        let Some(last) = self.last else {
             return false;
         };
-        if self.hits < 3 || self.probed || self.exhausted || self.probe_until.is_some() {
+        if self.probed || self.exhausted || self.probe_until.is_some() {
             return false;
         }
-        let mean = last.duration_since(first) / u32::try_from(self.hits - 1).unwrap_or(u32::MAX);
+        let mean = match self.first {
+            Some(first) if self.hits >= 2 => {
+                last.duration_since(first) / u32::try_from(self.hits - 1).unwrap_or(u32::MAX)
+            }
+            _ => Duration::ZERO,
+        };
         let quiet = guards.exhaustion_quiet.max(mean.saturating_mul(10));
         now.duration_since(last) >= quiet
     }
@@ -1468,6 +1474,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                 Plan::PoolHitTag { address, .. } => ("nt!PoolHitTag".to_string(), *address),
             };
             if target.contains("SpecialPool") {
+                b.special.last.get_or_insert_with(Instant::now);
                 self.check_special_pool_tag(s).await;
             }
             (self.emit)(&CaptureEvent::Armed {

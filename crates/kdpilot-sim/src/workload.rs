@@ -748,7 +748,11 @@ impl Workload {
                 // none: above its return address is its caller's frame, left as it is.
                 let sp = Arch::X86.canonical_address(ctx.sp());
                 if !hit_break {
-                    for (j, a) in args.iter().enumerate() {
+                    // As many as the function takes (its `ret N`): above them is the caller's
+                    // frame, left as it is (MmFreeSpecialPool takes one).
+                    let entry = frames.first().map(|f| f.function).unwrap_or(0);
+                    let count = (callee_pops(k.memory(), entry) / 4).min(4) as usize;
+                    for (j, a) in args.iter().take(count).enumerate() {
                         k.memory()
                             .write(sp + 4 + 4 * j as u64, &(*a as u32).to_le_bytes());
                     }
