@@ -140,11 +140,10 @@ pub(crate) fn notes(out: &mut String, report: &Report) {
             plural(s.special_pool_exhausted, "time", "times")
         ));
     }
-    let _ = writeln!(
-        out,
-        "\nNotes: the counts are incomplete ({})",
-        why.join("; ")
-    );
+    let _ = writeln!(out, "\nNotes: the counts are incomplete");
+    if !why.is_empty() {
+        let _ = writeln!(out, "  {}", why.join("; "));
+    }
     for n in &report.notes {
         let boot = n.boot.map(|b| format!(" boot {b}")).unwrap_or_default();
         let line = format!("  {}{boot}: {}", time(n.time), clean(&n.message));
