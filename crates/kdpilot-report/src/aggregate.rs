@@ -556,9 +556,8 @@ impl Aggregator {
                 return id;
             }
             self.summary.same_stack_unresolved += 1;
-            let key = format!(
-                "{NONE}\x1f(unknown: same stack as hit {first}, not in the log)\x1f0\x1e"
-            );
+            let key =
+                format!("{NONE}\x1f(unknown: same stack as hit {first}, not in the log)\x1f0\x1e");
             return match self.stack_ids.get(key.as_str()) {
                 Some(&id) => id,
                 None => self.new_stack(&key, hit.time),

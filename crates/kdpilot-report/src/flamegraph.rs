@@ -14,7 +14,13 @@ pub fn render(report: &Report) -> Result<String, ReportError> {
         format::thousands(report.stacks.len() as u64),
         format::bytes(report.summary.bytes)
     );
-    draw(report, title(report), subtitle, "hits", "No hits: nothing to draw.")
+    draw(
+        report,
+        title(report),
+        subtitle,
+        "hits",
+        "No hits: nothing to draw.",
+    )
 }
 
 /// The flame graph of the outstanding allocations: width is allocations never freed.

@@ -267,12 +267,7 @@ fn stack(out: &mut String, o: &Outstanding, s: &StackInfo) {
     frames(out, s);
 }
 
-fn ended_boot(
-    out: &mut String,
-    o: &Outstanding,
-    b: &crate::EndedBoot,
-    options: &ReportOptions,
-) {
+fn ended_boot(out: &mut String, o: &Outstanding, b: &crate::EndedBoot, options: &ReportOptions) {
     let ended = b
         .ended
         .map(|t| format!(", ended {}", time(t)))

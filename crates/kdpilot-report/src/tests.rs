@@ -677,7 +677,10 @@ fn outstanding_names_exactly_the_leaking_stacks() {
     assert!(text.contains("age 1h01m .. 1h08m"), "{text}");
     assert!(text.contains("leakydrv!LeakyAllocate+0x46"), "{text}");
     assert!(!text.contains("netfoo!AllocateBuffer"), "{text}");
-    assert!(text.lines().all(|l| l.chars().count() <= text::WIDTH), "{text}");
+    assert!(
+        text.lines().all(|l| l.chars().count() <= text::WIDTH),
+        "{text}"
+    );
     // The folded form of the outstanding set is the leak picture: 2 stacks, by allocations.
     let folded = render_folded(r);
     assert_eq!(folded.lines().count(), 2);
@@ -740,7 +743,10 @@ fn a_reboot_moves_the_previous_boots_outstanding_to_their_own_section() {
         .unwrap_or_else(|| panic!("{text}"));
     assert!(text[section..].contains("they are gone with the reboot"));
     assert!(text[section..].contains("= #1"), "{text}");
-    assert!(text[section..].contains("usbbar!StartDevice+0x88"), "{text}");
+    assert!(
+        text[section..].contains("usbbar!StartDevice+0x88"),
+        "{text}"
+    );
     assert!(!text[..section].contains("usbbar"), "{text}");
 }
 
@@ -802,7 +808,11 @@ fn same_stack_as_hits_count_under_the_named_stack() {
     assert_eq!(report.summary.same_stack_hits, 6);
     assert_eq!(report.summary.same_stack_unresolved, 2);
     assert_eq!(report.summary.unique_stacks, 3);
-    let leaky = report.drivers.iter().find(|d| d.name == "leakydrv").unwrap();
+    let leaky = report
+        .drivers
+        .iter()
+        .find(|d| d.name == "leakydrv")
+        .unwrap();
     assert_eq!(leaky.hits, 4);
     let folded = render_folded(&report);
     assert!(
@@ -895,9 +905,18 @@ fn sampling_and_special_pool_exhaustion_are_notes() {
         "{text}"
     );
     assert!(text.contains("1 hit in 8 is recorded"), "{text}");
-    assert!(text.contains("412 hits were resumed without a record"), "{text}");
-    assert!(text.contains("special pool exhausted: no allocation"), "{text}");
-    assert!(text.lines().all(|l| l.chars().count() <= text::WIDTH), "{text}");
+    assert!(
+        text.contains("412 hits were resumed without a record"),
+        "{text}"
+    );
+    assert!(
+        text.contains("special pool exhausted: no allocation"),
+        "{text}"
+    );
+    assert!(
+        text.lines().all(|l| l.chars().count() <= text::WIDTH),
+        "{text}"
+    );
     let html = render_html(&report, &ReportOptions::default());
     assert!(html.contains("<section id=\"notes\">"));
     let json: serde_json::Value =
