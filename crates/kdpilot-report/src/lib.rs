@@ -35,7 +35,8 @@
 //!   record is an error ([`ReportError::NotALog`]), and so is a file that cannot be read.
 //! - **Memory** grows with the number of unique frames and stacks, not with hits: names are
 //!   stored once, a stack is a list of frame numbers, and each stack's timeline has at most
-//!   [`timeline::MAX_BUCKETS`] buckets.
+//!   [`timeline::MAX_BUCKETS`] buckets ([`read_outstanding`] also keeps each hit until it is
+//!   freed).
 #![cfg_attr(
     not(test),
     warn(

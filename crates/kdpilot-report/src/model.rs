@@ -27,8 +27,8 @@ pub struct Report {
     pub stacks: Vec<StackInfo>,
     /// Stack numbers (`StackInfo::rank`) in the order of bytes requested, most first.
     pub stacks_by_bytes: Vec<usize>,
-    /// Records skipped because this version does not know their kind (a newer capture's
-    /// `free` records), by kind.
+    /// Records skipped because this version does not know their kind (a newer capture's new
+    /// events), by kind.
     pub ignored: BTreeMap<String, u64>,
     /// What was wrong with the input, up to a bound per file (see [`FileInfo::bad_lines`]).
     pub warnings: Vec<Warning>,
