@@ -7,7 +7,8 @@ use std::time::SystemTime;
 use anyhow::anyhow;
 use clap::{Args, ValueEnum};
 use kdpilot_report::{
-    read_logs, render_flamegraph, render_folded, render_html, render_json, render_text,
+    read_logs, read_outstanding, render_flamegraph, render_folded, render_html, render_json,
+    render_outstanding_flamegraph, render_outstanding_json, render_outstanding_text, render_text,
     write_atomically, ReportError, ReportOptions,
 };
 
@@ -20,11 +21,17 @@ kernel base) is the same stack. The driver of a stack is its first frame outside
 Boots are numbered across captures and files. Lines that are not records, and an incomplete
 last line (a capture killed or still writing), are skipped with a warning on stderr.
 
+--outstanding (a capture with `kdpilot capture --track-frees`): only the allocations that were
+never freed, by stack, with their ages at the end of the log; the last boot of each capture
+in the main table, what a reboot ended in a section per boot; --format, --svg and --top apply
+to them (the flame graph is the leak picture).
+
 Examples:
   kdpilot report night.jsonl
   kdpilot report night1.jsonl night2.jsonl --top 20
   kdpilot report night.jsonl --html night.html --svg night.svg
-  kdpilot report night.jsonl --format folded | inferno-flamegraph > night.svg";
+  kdpilot report night.jsonl --format folded | inferno-flamegraph > night.svg
+  kdpilot report night.jsonl --outstanding --svg leaks.svg";
 
 /// What `kdpilot report` prints on stdout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -61,6 +68,11 @@ pub struct ReportArgs {
     /// How many stacks to list, most hits first (0: all)
     #[arg(long, value_name = "N", default_value_t = 10)]
     top: usize,
+
+    /// Only the allocations never freed (needs logs of `kdpilot capture --track-frees`): by
+    /// stack, with their count, bytes and age at the end of the log
+    #[arg(long)]
+    outstanding: bool,
 }
 
 /// The same file, as far as the file system can tell.
@@ -93,6 +105,13 @@ fn check_outputs(args: &ReportArgs) -> anyhow::Result<()> {
             .into());
         }
     }
+    if args.outstanding && args.html.is_some() {
+        return Err(CliError::usage(anyhow!(
+            "--html does not show --outstanding yet: use --svg FILE for the flame graph of the \
+             outstanding allocations, or leave out --outstanding for the page of every hit"
+        ))
+        .into());
+    }
     if args.svg.is_some() && !kdpilot_report::HAS_FLAMEGRAPH {
         return Err(CliError::usage(ReportError::NoFlameGraph).into());
     }
@@ -108,9 +127,39 @@ fn classify(e: ReportError) -> anyhow::Error {
     }
 }
 
+/// `kdpilot report --outstanding`: the allocations never freed.
+fn run_outstanding(args: &ReportArgs) -> anyhow::Result<()> {
+    let outstanding = read_outstanding(&args.files).map_err(classify)?;
+    for warning in &outstanding.report.warnings {
+        tracing::warn!("{warning}");
+    }
+    let options = ReportOptions {
+        top: args.top,
+        generated_at: Some(SystemTime::now()),
+        ..ReportOptions::default()
+    };
+    if let Some(path) = &args.svg {
+        let svg = render_outstanding_flamegraph(&outstanding).map_err(classify)?;
+        write_atomically(path, svg.as_bytes())?;
+        tracing::info!(
+            "wrote the flame graph of the outstanding allocations to {}",
+            path.display()
+        );
+    }
+    let text = match args.format {
+        Format::Text => render_outstanding_text(&outstanding, &options),
+        Format::Json => render_outstanding_json(&outstanding, &options),
+        Format::Folded => render_folded(&outstanding.report),
+    };
+    output::print(&text)
+}
+
 /// Runs `kdpilot report`.
 pub fn run(args: ReportArgs) -> anyhow::Result<()> {
     check_outputs(&args)?;
+    if args.outstanding {
+        return run_outstanding(&args);
+    }
     let report = read_logs(&args.files).map_err(classify)?;
     for warning in &report.warnings {
         tracing::warn!("{warning}");

@@ -54,6 +54,10 @@ pub enum ReportError {
     /// feature (the inferno crate).
     #[error("this kdpilot was built without flame graphs (cargo feature `flamegraph` of kdpilot-report): use --format folded and a flame graph tool such as inferno-flamegraph or flamegraph.pl")]
     NoFlameGraph,
+    /// `--outstanding` was asked for, but the logs have no `allocated` record: the capture did
+    /// not learn the addresses of its allocations, so none can be paired with a free.
+    #[error("the logs have no `allocated` records, so no allocation can be paired with its free: capture with `kdpilot capture --track-frees` to report outstanding allocations")]
+    NoAllocations,
     /// The flame graph could not be drawn.
     #[error("cannot draw the flame graph: {0}")]
     FlameGraph(io::Error),
@@ -65,7 +69,10 @@ impl ReportError {
     pub fn is_input_error(&self) -> bool {
         matches!(
             self,
-            ReportError::Open { .. } | ReportError::NotALog { .. } | ReportError::NoFlameGraph
+            ReportError::Open { .. }
+                | ReportError::NotALog { .. }
+                | ReportError::NoFlameGraph
+                | ReportError::NoAllocations
         )
     }
 }

@@ -95,6 +95,7 @@ pub fn render_html(report: &Report, options: &ReportOptions) -> String {
 
     summary(&mut out, report);
     warnings(&mut out, report);
+    notes(&mut out, report);
     drivers(&mut out, report);
     top_stacks(&mut out, report, options);
     flame_graph(&mut out, report);
@@ -166,6 +167,28 @@ fn warnings(out: &mut String, report: &Report) {
     out.push_str("<section id=\"warnings\"><h2>Input warnings</h2><ul class=\"warn\">\n");
     for w in &report.warnings {
         let _ = writeln!(out, "<li>{}</li>", escape(&w.to_string()));
+    }
+    out.push_str("</ul></section>\n");
+}
+
+fn notes(out: &mut String, report: &Report) {
+    if report.notes.is_empty() {
+        return;
+    }
+    out.push_str(
+        "<section id=\"notes\"><h2>Notes: the counts are incomplete</h2><p class=\"meta\">\
+         What the capture recorded about hits it did not catch or did not record.</p>\
+         <ul class=\"warn\">\n",
+    );
+    for n in &report.notes {
+        let boot = n.boot.map(|b| format!(" boot {b}")).unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "<li>{}{}: {}</li>",
+            escape(&time(n.time)),
+            escape(&boot),
+            escape(&n.message)
+        );
     }
     out.push_str("</ul></section>\n");
 }

@@ -14,6 +14,11 @@
 //!   over time of the top stacks; [`write_html_report`] (re)writes it atomically, for a capture
 //!   that refreshes the page while it runs.
 //!
+//! [`read_outstanding`] pairs hits with the `allocated` and `free` records of a capture with
+//! `--track-frees` into an [`Outstanding`]: the allocations never freed, by stack
+//! ([`render_outstanding_text`], [`render_outstanding_json`], [`render_outstanding_flamegraph`];
+//! its `report` renders with the forms above).
+//!
 //! Rules (docs/report.md):
 //! - **Grouping.** Two hits have the same stack when their frames have the same
 //!   `module!function+offset`, in the same order: addresses move with every boot (KASLR) and do
@@ -30,7 +35,8 @@
 //!   record is an error ([`ReportError::NotALog`]), and so is a file that cannot be read.
 //! - **Memory** grows with the number of unique frames and stacks, not with hits: names are
 //!   stored once, a stack is a list of frame numbers, and each stack's timeline has at most
-//!   [`timeline::MAX_BUCKETS`] buckets.
+//!   [`timeline::MAX_BUCKETS`] buckets ([`read_outstanding`] also keeps each hit until it is
+//!   freed).
 #![cfg_attr(
     not(test),
     warn(
@@ -52,6 +58,7 @@ pub mod format;
 mod html;
 pub mod lines;
 mod model;
+mod outstanding;
 mod pipeline;
 pub mod synth;
 mod text;
@@ -68,7 +75,11 @@ use std::time::{Duration, SystemTime};
 pub use error::{ReportError, Warning};
 pub use folded::render_folded;
 pub use html::render_html;
-pub use model::{BootCount, BootInfo, DriverInfo, FileInfo, Report, StackInfo, Summary};
+pub use model::{
+    BootCount, BootInfo, DriverInfo, EndedBoot, FileInfo, Note, Outstanding, Pairing, Report,
+    StackInfo, Summary, MAX_NOTES,
+};
+pub use outstanding::{age, render_outstanding_json, render_outstanding_text};
 pub use text::render_text;
 
 /// How a report is rendered.
@@ -125,6 +136,37 @@ pub fn read_logs<P: AsRef<Path>>(inputs: &[P]) -> Result<Report, ReportError> {
     Ok(aggregator.finish())
 }
 
+/// Reads the logs and pairs each hit with its `allocated` and `free` records (a capture with
+/// `kdpilot capture --track-frees`): the allocations never freed, by stack (docs/report.md,
+/// "Outstanding allocations").
+///
+/// A hit is outstanding when an `allocated` record gave its address (not 0) and no `free`
+/// record for it follows in the same capture. Those of boots that a reboot ended are in
+/// [`Outstanding::ended_boots`], the rest (the last boot of each capture, still running at
+/// the end of the logs) in [`Outstanding::report`]. Hits without a learnt address, and frees
+/// and `allocated` records whose hit is not in the logs, are counted in
+/// [`Outstanding::pairing`]. Memory grows with the hits not freed.
+///
+/// Errors as [`read_logs`], and [`ReportError::NoAllocations`] when the logs have no
+/// `allocated` record at all.
+pub fn read_outstanding<P: AsRef<Path>>(inputs: &[P]) -> Result<Outstanding, ReportError> {
+    let mut aggregator = aggregate::Aggregator::default();
+    aggregator.track_frees();
+    let mut seen = HashSet::new();
+    for path in inputs {
+        let path = path.as_ref();
+        let identity = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        if !seen.insert(identity) {
+            aggregator.duplicate(path);
+            continue;
+        }
+        aggregator.read_file(path)?;
+    }
+    aggregator
+        .finish_outstanding()
+        .ok_or(ReportError::NoAllocations)
+}
+
 /// The report as pretty-printed JSON: [`Report`]'s fields, with `stacks` cut to
 /// [`ReportOptions::top`] (`summary.unique_stacks` has the full count), times as RFC 3339
 /// UTC strings and addresses as `"0x..."` strings. Ends with a newline.
@@ -140,6 +182,7 @@ pub fn render_json(report: &Report, options: &ReportOptions) -> String {
         stacks_by_bytes: &'a [usize],
         ignored: &'a std::collections::BTreeMap<String, u64>,
         warnings: &'a [Warning],
+        notes: &'a [Note],
     }
     let listed = options.listed(report.stacks.len());
     let view = View {
@@ -154,6 +197,7 @@ pub fn render_json(report: &Report, options: &ReportOptions) -> String {
             .unwrap_or(&report.stacks_by_bytes),
         ignored: &report.ignored,
         warnings: &report.warnings,
+        notes: &report.notes,
     };
     let mut out = serde_json::to_string_pretty(&view).unwrap_or_default();
     out.push('\n');
@@ -170,6 +214,20 @@ pub fn render_flamegraph(report: &Report) -> Result<String, ReportError> {
     #[cfg(not(feature = "flamegraph"))]
     {
         let _ = report;
+        Err(ReportError::NoFlameGraph)
+    }
+}
+
+/// The flame graph of the outstanding allocations of [`read_outstanding`] (the boots still
+/// running at the end of the logs), width: allocations never freed. This is the leak picture.
+pub fn render_outstanding_flamegraph(outstanding: &Outstanding) -> Result<String, ReportError> {
+    #[cfg(feature = "flamegraph")]
+    {
+        flamegraph::render_outstanding(outstanding)
+    }
+    #[cfg(not(feature = "flamegraph"))]
+    {
+        let _ = outstanding;
         Err(ReportError::NoFlameGraph)
     }
 }

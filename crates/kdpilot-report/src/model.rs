@@ -27,11 +27,31 @@ pub struct Report {
     pub stacks: Vec<StackInfo>,
     /// Stack numbers (`StackInfo::rank`) in the order of bytes requested, most first.
     pub stacks_by_bytes: Vec<usize>,
-    /// Records skipped because this version does not know their kind (a newer capture's
-    /// `free` records), by kind.
+    /// Records skipped because this version does not know their kind (a newer capture's new
+    /// events), by kind.
     pub ignored: BTreeMap<String, u64>,
     /// What was wrong with the input, up to a bound per file (see [`FileInfo::bad_lines`]).
     pub warnings: Vec<Warning>,
+    /// What the capture said about its own completeness: sampling (`sampled` records) and
+    /// special pool running out (`special_pool_exhausted`), in log order, up to
+    /// [`MAX_NOTES`] (then one more that counts the rest).
+    pub notes: Vec<Note>,
+}
+
+/// The most [`Note`]s a report keeps.
+pub const MAX_NOTES: usize = 50;
+
+/// Something the capture recorded that makes the counts incomplete: sampling began or changed,
+/// hits were resumed without a record, special pool ran out.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Note {
+    /// When (the record's time).
+    #[serde(serialize_with = "ser::time")]
+    pub time: SystemTime,
+    /// The report's boot number ([`BootInfo::id`]), when the record names a boot.
+    pub boot: Option<usize>,
+    /// What happened and what it means for the counts.
+    pub message: String,
 }
 
 /// The totals of a report.
@@ -64,6 +84,21 @@ pub struct Summary {
     pub ignored_records: u64,
     /// Lines that were not records (including incomplete last lines).
     pub bad_lines: u64,
+    /// Hits of `same_stack_as` records (the capture's per-stack cap was reached): counted
+    /// under the stack of the hit they name.
+    pub same_stack_hits: u64,
+    /// Of those, hits whose named hit is not in the log (a log cut at the start): counted
+    /// under a stack of their own, `(unknown: same stack as hit N, not in the log)`.
+    pub same_stack_unresolved: u64,
+    /// The most hits in one that were recorded at a time (`sampled` records' `one_in`): 1
+    /// when every hit was recorded.
+    pub max_one_in: u64,
+    /// Hits the capture resumed without a record while sampling (the sum of the `sampled`
+    /// records' `skipped`).
+    pub skipped_hits: u64,
+    /// `special_pool_exhausted` records: special pool ran out, hits of the tag went
+    /// uncaught for a while.
+    pub special_pool_exhausted: u64,
 }
 
 /// One input file.
@@ -157,6 +192,73 @@ pub struct StackInfo {
     /// Hits over time (not in the JSON form).
     #[serde(skip)]
     pub timeline: Timeline,
+}
+
+/// What `kdpilot report --outstanding` reports: the allocations that were never freed, by stack
+/// ([`crate::read_outstanding`], docs/report.md).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Outstanding {
+    /// The outstanding allocations of the boots still running at the end of the log (the last
+    /// boot of each capture, unless a reboot ended it), as a report of their own: a stack's
+    /// `hits` are its outstanding allocations, `bytes` their sizes, `first_seen` the oldest
+    /// and `last_seen` the newest; `summary.hits` and `summary.bytes` the totals, `boots`
+    /// the outstanding allocations per boot. Files, warnings and notes are the whole logs'.
+    pub report: Report,
+    /// The end of the logs: the time of the last record. Ages are measured to it.
+    #[serde(serialize_with = "ser::time_opt")]
+    pub end: Option<SystemTime>,
+    /// Boots that ended (a reboot) with allocations outstanding, in boot order. Their
+    /// allocations are gone with the reboot; they are not in [`Outstanding::report`].
+    pub ended_boots: Vec<EndedBoot>,
+    /// How hits, allocations and frees were paired.
+    pub pairing: Pairing,
+}
+
+/// The allocations outstanding when a boot ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EndedBoot {
+    /// The report's boot number ([`BootInfo::id`]).
+    pub boot: usize,
+    /// The capture it belongs to, from 1.
+    pub capture: usize,
+    /// Its number in that capture (the log's `boot`).
+    pub log_boot: u64,
+    /// When it ended: its `reboot` record, else the first record of the next boot.
+    #[serde(serialize_with = "ser::time_opt")]
+    pub ended: Option<SystemTime>,
+    /// Allocations outstanding when it ended.
+    pub allocations: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// By stack, most allocations first (ranks within this boot; `per_boot` and the timeline
+    /// as for [`StackInfo`]).
+    pub stacks: Vec<StackInfo>,
+}
+
+/// How hits were paired with `allocated` and `free` records.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Pairing {
+    /// Hits read.
+    pub hits: u64,
+    /// `allocated` records read.
+    pub allocated_records: u64,
+    /// Hits with a learnt address (an `allocated` record with an address other than 0).
+    pub with_address: u64,
+    /// Hits whose allocation failed (`allocated` with address 0): nothing to free.
+    pub failed: u64,
+    /// Hits freed (a `free` record for the hit).
+    pub freed: u64,
+    /// Allocations outstanding in the boots still running at the end (the main table).
+    pub outstanding: u64,
+    /// Allocations outstanding when their boot ended (a reboot).
+    pub outstanding_in_ended_boots: u64,
+    /// Hits without a learnt address that were not freed either: they cannot be paired and
+    /// are in no table (the capture did not track frees, or the return was never seen).
+    pub unpaired: u64,
+    /// `free` records whose hit is not in the log (or was freed already): ignored.
+    pub unknown_frees: u64,
+    /// `allocated` records whose hit is not in the log (or was paired already): ignored.
+    pub unknown_allocated: u64,
 }
 
 /// Hits of a stack in one boot.

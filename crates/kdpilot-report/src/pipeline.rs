@@ -63,13 +63,17 @@ pub struct CompactHit {
     pub time: SystemTime,
     /// Bytes requested.
     pub size: u64,
+    /// The per-stack cap was reached: the stack is hit `same_stack_as`'s (the frames are
+    /// empty).
+    pub same_stack_as: Option<u64>,
     /// The tag, `\0`, then per frame `module \x1f function \x1f offset-hex \x1e`
     /// (`\x01` for a missing module or function; the address for the offset of a frame with
     /// neither).
     key: String,
 }
 
-const NONE: &str = "\x01";
+/// A missing module or function in a stack key.
+pub(crate) const NONE: &str = "\x01";
 
 impl CompactHit {
     /// Reduces a hit record.
@@ -96,6 +100,7 @@ impl CompactHit {
             boot: hit.boot,
             time: hit.time,
             size: hit.size,
+            same_stack_as: hit.same_stack_as.filter(|_| hit.frames.is_empty()),
             key,
         }
     }

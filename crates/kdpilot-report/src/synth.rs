@@ -310,6 +310,74 @@ impl<W: Write> SynthCapture<W> {
         self.write(&LogLine::Hit(record))
     }
 
+    /// The number of the last hit written (0 before the first).
+    pub fn hit_number(&self) -> u64 {
+        self.hit
+    }
+
+    /// A hit past the per-stack cap: no frames, `same_stack_as: first`.
+    pub fn hit_same_stack_as(&mut self, first: u64, size: u64) -> io::Result<()> {
+        let mut record = self.hit_record(&[], size);
+        record.same_stack_as = Some(first);
+        self.write(&LogLine::Hit(record))
+    }
+
+    /// The address a synthetic allocation of hit `hit` gets.
+    pub fn address_of(hit: u64) -> u64 {
+        0xffff_c900_0000_0fb0 + (hit << 13)
+    }
+
+    /// `--track-frees`: the `allocated` record of hit `hit` (at [`SynthCapture::address_of`]),
+    /// or of a failed allocation (address 0) when `failed`.
+    pub fn allocated(&mut self, hit: u64, failed: bool) -> io::Result<()> {
+        self.write(&LogLine::Event(EventRecord::Allocated {
+            time: self.time,
+            boot: self.boot,
+            hit,
+            address: if failed { 0 } else { Self::address_of(hit) },
+        }))
+    }
+
+    /// `--track-frees`: the `free` record of hit `hit`, freed by `stack`.
+    pub fn free(&mut self, hit: u64, stack: &[SynthFrame]) -> io::Result<()> {
+        let frames = self.hit_record(stack, 0).frames;
+        self.hit -= 1;
+        self.write(&LogLine::Event(EventRecord::Free {
+            time: self.time,
+            boot: self.boot,
+            hit,
+            address: Self::address_of(hit),
+            processor: 0,
+            thread: 0xffff_a000_0000_1080,
+            arch: Arch::X64,
+            breakpoint: "nt!ExFreeHeapSpecialPool".into(),
+            frames,
+            same_stack_as: None,
+        }))
+    }
+
+    /// A `sampled` record: from now on 1 hit in `one_in`, `skipped` hits resumed without a
+    /// record since the previous one.
+    pub fn sampled(&mut self, one_in: u64, skipped: u64) -> io::Result<()> {
+        self.write(&LogLine::Event(EventRecord::Sampled {
+            time: self.time,
+            boot: Some(self.boot),
+            one_in,
+            reason: "the target was frozen 40 s in the last minute".into(),
+            skipped,
+        }))
+    }
+
+    /// A `special_pool_exhausted` record.
+    pub fn special_pool_exhausted(&mut self, quiet_secs: u64, switched: bool) -> io::Result<()> {
+        self.write(&LogLine::Event(EventRecord::SpecialPoolExhausted {
+            time: self.time,
+            boot: self.boot,
+            quiet_secs,
+            switched,
+        }))
+    }
+
     /// The writer back.
     pub fn into_inner(self) -> W {
         self.out

@@ -271,7 +271,7 @@ fn records_of_unknown_kinds_are_counted_and_skipped() {
         let mut free = serde_json::to_value(c.hit_record(&stack, 64))?;
         free["kind"] = "free".into();
         c.raw(format!("{free}\n").as_bytes())?;
-        c.raw(b"{\"event\":\"special_pool_exhausted\",\"time\":\"2026-11-22T01:00:00Z\"}\n")?;
+        c.raw(b"{\"event\":\"frobnicated\",\"time\":\"2026-11-22T01:00:00Z\"}\n")?;
         c.hit(&stack, 64)
     });
     let report = read_logs(&[path]).unwrap();
@@ -279,7 +279,7 @@ fn records_of_unknown_kinds_are_counted_and_skipped() {
     assert_eq!(report.summary.ignored_records, 2);
     assert_eq!(report.summary.bad_lines, 0);
     assert_eq!(report.ignored.get("free"), Some(&1));
-    assert_eq!(report.ignored.get("event special_pool_exhausted"), Some(&1));
+    assert_eq!(report.ignored.get("event frobnicated"), Some(&1));
     assert!(report.warnings.is_empty());
 }
 
@@ -586,4 +586,341 @@ fn a_log_still_being_written_can_be_reported() {
     f.write_all(&line[100..]).unwrap();
     let s = write_html_report(&[path], &out, &ReportOptions::default()).unwrap();
     assert_eq!((s.hits, s.bad_lines), (2, 0));
+}
+
+/// The stack of the report whose frames are `stack`'s.
+fn find<'a>(stacks: &'a [StackInfo], stack: &[SynthFrame]) -> Option<&'a StackInfo> {
+    let sites = call_sites(stack);
+    stacks.iter().find(|s| s.frames == sites)
+}
+
+#[test]
+fn outstanding_names_exactly_the_leaking_stacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let freed = driver_stack("netfoo", "AllocateBuffer", 0x20);
+    let leaky = driver_stack("leakydrv", "LeakyAllocate", 0x46);
+    let rare = driver_stack("fsfilt", "AllocateContext", 0x1c);
+    let freer = driver_stack("netfoo", "FreeBuffer", 0x10);
+    let path = log_file(&dir, "a.jsonl", |c| {
+        c.boot()?;
+        // 40 allocations of `freed`, all freed; 10 of `leaky`, 3 never freed (the 2nd, 5th
+        // and 9th); 4 of `rare` of 100 bytes, the last never freed; one failed allocation.
+        let mut leaky_n = 0;
+        for i in 0..40u64 {
+            c.hit(&freed, 256)?;
+            let h = c.hit_number();
+            c.allocated(h, false)?;
+            if i % 4 == 0 {
+                c.advance(Duration::from_secs(60));
+                c.hit(&leaky, 64)?;
+                let l = c.hit_number();
+                c.allocated(l, false)?;
+                leaky_n += 1;
+                if ![2, 5, 9].contains(&leaky_n) {
+                    c.free(l, &freer)?;
+                }
+            }
+            if i % 10 == 9 {
+                c.hit(&rare, 100)?;
+                let r = c.hit_number();
+                c.allocated(r, false)?;
+                if i != 39 {
+                    c.free(r, &freer)?;
+                }
+            }
+            c.free(h, &freer)?;
+        }
+        c.hit(&leaky, 64)?;
+        let failed = c.hit_number();
+        c.allocated(failed, true)?;
+        c.advance(Duration::from_secs(3600));
+        c.detached()
+    });
+
+    let o = read_outstanding(&[&path]).unwrap();
+    let r = &o.report;
+    assert_eq!(r.stacks.len(), 2, "{:#?}", r.stacks);
+    let l = find(&r.stacks, &leaky).unwrap();
+    assert_eq!((l.rank, l.hits, l.bytes), (1, 3, 192));
+    let s = find(&r.stacks, &rare).unwrap();
+    assert_eq!((s.rank, s.hits, s.bytes), (2, 1, 100));
+    assert!(find(&r.stacks, &freed).is_none());
+    assert_eq!((r.summary.hits, r.summary.bytes), (4, 292));
+    assert_eq!(r.drivers.len(), 2);
+    assert_eq!(r.drivers[0].name, "leakydrv");
+    assert!(o.ended_boots.is_empty());
+    // The 2nd leaky allocation at 2 min, the 9th at 9 min; the log ends at 10 min + 1 h.
+    assert_eq!(l.first_seen, at(120));
+    assert_eq!(l.last_seen, at(540));
+    assert_eq!(o.end, Some(at(600 + 3600)));
+    let p = o.pairing;
+    assert_eq!(p.hits, 40 + 10 + 4 + 1);
+    assert_eq!(p.allocated_records, 55);
+    assert_eq!(p.with_address, 54);
+    assert_eq!(p.failed, 1);
+    assert_eq!(p.freed, 50);
+    assert_eq!(p.outstanding, 4);
+    assert_eq!(
+        (p.unpaired, p.unknown_frees, p.outstanding_in_ended_boots),
+        (0, 0, 0)
+    );
+
+    let text = render_outstanding_text(&o, &ReportOptions::default());
+    assert!(
+        text.starts_with(
+            "kdpilot report --outstanding: 4 allocations of tag Leak never freed, 292 B (2 stacks)"
+        ),
+        "{text}"
+    );
+    // Oldest 1h08m (from 2 min to 1h10m), newest 1h01m.
+    assert!(text.contains("1h08m"), "{text}");
+    assert!(text.contains("age 1h01m .. 1h08m"), "{text}");
+    assert!(text.contains("leakydrv!LeakyAllocate+0x46"), "{text}");
+    assert!(!text.contains("netfoo!AllocateBuffer"), "{text}");
+    assert!(
+        text.lines().all(|l| l.chars().count() <= text::WIDTH),
+        "{text}"
+    );
+    // The folded form of the outstanding set is the leak picture: 2 stacks, by allocations.
+    let folded = render_folded(r);
+    assert_eq!(folded.lines().count(), 2);
+    assert!(folded.lines().any(|l| l.ends_with(" 3")), "{folded}");
+    let json: serde_json::Value =
+        serde_json::from_str(&render_outstanding_json(&o, &ReportOptions::default())).unwrap();
+    assert_eq!(json["pairing"]["outstanding"], 4);
+    assert_eq!(json["report"]["stacks"][0]["hits"], 3);
+}
+
+#[test]
+fn a_reboot_moves_the_previous_boots_outstanding_to_their_own_section() {
+    let dir = tempfile::tempdir().unwrap();
+    let leaky = driver_stack("leakydrv", "LeakyAllocate", 0x46);
+    let boot_only = driver_stack("usbbar", "StartDevice", 0x88);
+    let freer = driver_stack("leakydrv", "Cleanup", 0x10);
+    let path = log_file(&dir, "a.jsonl", |c| {
+        c.boot()?;
+        for _ in 0..2 {
+            c.hit(&leaky, 64)?;
+            c.allocated(c.hit_number(), false)?;
+        }
+        c.hit(&boot_only, 32)?;
+        c.allocated(c.hit_number(), false)?;
+        c.hit(&leaky, 64)?;
+        c.allocated(c.hit_number(), false)?;
+        c.free(c.hit_number(), &freer)?;
+        c.advance(Duration::from_secs(1800));
+        c.reboot()?;
+        c.boot()?;
+        c.hit(&leaky, 64)?;
+        c.allocated(c.hit_number(), false)?;
+        c.advance(Duration::from_secs(600));
+        c.detached()
+    });
+    let o = read_outstanding(&[&path]).unwrap();
+    // The main table: boot 2 only.
+    assert_eq!(o.report.stacks.len(), 1);
+    let s = &o.report.stacks[0];
+    assert_eq!(s.frames, call_sites(&leaky));
+    assert_eq!((s.hits, s.bytes), (1, 64));
+    assert_eq!(s.per_boot.len(), 1);
+    assert_eq!(s.per_boot[0].boot, 2);
+    // Boot 1 ended with 2 leaky and 1 boot_only outstanding.
+    assert_eq!(o.ended_boots.len(), 1);
+    let b = &o.ended_boots[0];
+    assert_eq!((b.boot, b.capture, b.log_boot), (1, 1, 1));
+    assert_eq!((b.allocations, b.bytes), (3, 160));
+    assert_eq!(b.ended, Some(at(1800)));
+    assert_eq!(find(&b.stacks, &leaky).unwrap().hits, 2);
+    assert_eq!(find(&b.stacks, &boot_only).unwrap().hits, 1);
+    assert_eq!(o.pairing.outstanding, 1);
+    assert_eq!(o.pairing.outstanding_in_ended_boots, 3);
+    assert_eq!(o.report.boots[0].hits, 0);
+    assert_eq!(o.report.boots[1].hits, 1);
+
+    let text = render_outstanding_text(&o, &ReportOptions::default());
+    let section = text
+        .find("Outstanding when boot 1 ended")
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(text[section..].contains("they are gone with the reboot"));
+    assert!(text[section..].contains("= #1"), "{text}");
+    assert!(
+        text[section..].contains("usbbar!StartDevice+0x88"),
+        "{text}"
+    );
+    assert!(!text[..section].contains("usbbar"), "{text}");
+}
+
+#[test]
+fn a_new_boot_without_a_reboot_record_ends_the_previous_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let leaky = driver_stack("leakydrv", "LeakyAllocate", 0x46);
+    let path = log_file(&dir, "a.jsonl", |c| {
+        c.boot()?;
+        c.hit(&leaky, 64)?;
+        c.allocated(c.hit_number(), false)?;
+        c.advance(Duration::from_secs(60));
+        c.link_lost()?;
+        c.connected()?;
+        c.boot()?;
+        c.hit(&leaky, 64)?;
+        c.allocated(c.hit_number(), false)
+    });
+    let o = read_outstanding(&[&path]).unwrap();
+    assert_eq!(o.pairing.outstanding, 1);
+    assert_eq!(o.ended_boots.len(), 1);
+    assert_eq!(o.ended_boots[0].ended, Some(at(60)));
+}
+
+#[test]
+fn same_stack_as_hits_count_under_the_named_stack() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = driver_stack("leakydrv", "LeakyAllocate", 0x46);
+    let b = driver_stack("netfoo", "AllocateBuffer", 0x20);
+    let first = log_file(&dir, "1.jsonl", |c| {
+        c.boot()?;
+        c.hit(&a, 64)?; // hit 1
+        c.hit(&b, 32)?; // hit 2
+        c.hit(&a, 64)?; // hit 3
+        c.hit_same_stack_as(1, 64)?; // 4: a
+        c.hit_same_stack_as(2, 32)?; // 5: b
+        c.hit_same_stack_as(1, 64)?; // 6: a
+        c.allocated(6, false)?;
+        c.hit_same_stack_as(77, 16)?; // 7: not in the log
+        c.hit_same_stack_as(77, 16) // 8: the same unknown stack
+    });
+    // A second capture: hit numbers restart, hit 1 is stack b there.
+    let second = log_file(&dir, "2.jsonl", |c| {
+        c.boot()?;
+        c.hit(&b, 32)?;
+        c.hit_same_stack_as(1, 32)
+    });
+    let report = read_logs(&[&first, &second]).unwrap();
+    assert_eq!(report.summary.captures, 2);
+    assert_eq!(report.stacks.len(), 3, "{:#?}", report.stacks);
+    assert_eq!(find(&report.stacks, &a).unwrap().hits, 4);
+    assert_eq!(find(&report.stacks, &b).unwrap().hits, 4);
+    let unknown = report
+        .stacks
+        .iter()
+        .find(|s| s.frames == ["(unknown: same stack as hit 77, not in the log)"])
+        .unwrap();
+    assert_eq!((unknown.hits, unknown.bytes), (2, 32));
+    assert_eq!(report.summary.same_stack_hits, 6);
+    assert_eq!(report.summary.same_stack_unresolved, 2);
+    assert_eq!(report.summary.unique_stacks, 3);
+    let leaky = report
+        .drivers
+        .iter()
+        .find(|d| d.name == "leakydrv")
+        .unwrap();
+    assert_eq!(leaky.hits, 4);
+    let folded = render_folded(&report);
+    assert!(
+        folded.lines().any(|l| l.ends_with("leakydrv!LeakyAllocate+0x46;nt!ExAllocatePoolWithTag+0x3b;nt!ExAllocateHeapPool+0x1a2;nt!ExAllocateHeapSpecialPool 4")),
+        "{folded}"
+    );
+
+    // Outstanding: hit 6 (same_stack_as 1) is outstanding under stack a.
+    let o = read_outstanding(&[&first, &second]).unwrap();
+    assert_eq!(o.report.stacks.len(), 1);
+    assert_eq!(o.report.stacks[0].frames, call_sites(&a));
+    assert_eq!(o.pairing.unpaired, 10 - 1);
+}
+
+#[test]
+fn outstanding_without_allocated_records_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = driver_stack("leakydrv", "LeakyAllocate", 0x46);
+    let path = log_file(&dir, "a.jsonl", |c| {
+        c.boot()?;
+        c.hit(&stack, 64)?;
+        c.free(1, &stack)
+    });
+    let err = read_outstanding(&[&path]).unwrap_err();
+    assert!(matches!(err, ReportError::NoAllocations));
+    assert!(err.is_input_error());
+    assert!(
+        err.to_string().contains("kdpilot capture --track-frees"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_frees_and_unpaired_hits_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = driver_stack("leakydrv", "LeakyAllocate", 0x46);
+    let path = log_file(&dir, "a.jsonl", |c| {
+        c.boot()?;
+        c.hit(&stack, 64)?; // 1: paired, freed
+        c.allocated(1, false)?;
+        c.hit(&stack, 64)?; // 2: no address learnt
+        c.hit(&stack, 64)?; // 3: outstanding
+        c.allocated(3, false)?;
+        c.free(1, &stack)?;
+        c.free(1, &stack)?; // freed twice: unknown
+        c.free(99, &stack)?; // never seen
+        c.allocated(98, false) // never seen
+    });
+    let o = read_outstanding(&[&path]).unwrap();
+    let p = o.pairing;
+    assert_eq!((p.freed, p.outstanding, p.unpaired), (1, 1, 1));
+    assert_eq!((p.unknown_frees, p.unknown_allocated), (2, 1));
+    let text = render_outstanding_text(&o, &ReportOptions::default());
+    assert!(
+        text.contains(
+            "1 hit without a learnt address is not in this report: capture with --track-frees"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("2 free records whose hit is not in the log"),
+        "{text}"
+    );
+}
+
+#[test]
+fn sampling_and_special_pool_exhaustion_are_notes() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = driver_stack("leakydrv", "LeakyAllocate", 0x46);
+    let path = log_file(&dir, "a.jsonl", |c| {
+        c.boot()?;
+        c.hit(&stack, 64)?;
+        c.advance(Duration::from_secs(60));
+        c.sampled(8, 0)?;
+        c.hit(&stack, 64)?;
+        c.advance(Duration::from_secs(60));
+        c.sampled(1, 412)?;
+        c.special_pool_exhausted(600, false)?;
+        c.detached()
+    });
+    let report = read_logs(&[&path]).unwrap();
+    assert_eq!(report.notes.len(), 3);
+    assert_eq!(report.summary.skipped_hits, 412);
+    assert_eq!(report.summary.max_one_in, 8);
+    assert_eq!(report.summary.special_pool_exhausted, 1);
+    assert_eq!(report.notes[0].boot, Some(1));
+    let text = render_text(&report, &ReportOptions::default());
+    assert!(
+        text.contains("Notes: the counts are incomplete\n  sampled up to 1 hit in 8, 412 hits resumed without a record; special pool exhausted 1 time\n"),
+        "{text}"
+    );
+    assert!(text.contains("1 hit in 8 is recorded"), "{text}");
+    assert!(
+        text.contains("412 hits were resumed without a record"),
+        "{text}"
+    );
+    assert!(
+        text.contains("special pool exhausted: no allocation"),
+        "{text}"
+    );
+    assert!(
+        text.lines().all(|l| l.chars().count() <= text::WIDTH),
+        "{text}"
+    );
+    let html = render_html(&report, &ReportOptions::default());
+    assert!(html.contains("<section id=\"notes\">"));
+    let json: serde_json::Value =
+        serde_json::from_str(&render_json(&report, &ReportOptions::default())).unwrap();
+    assert_eq!(json["summary"]["skipped_hits"], 412);
+    assert_eq!(json["notes"].as_array().unwrap().len(), 3);
 }

@@ -14,6 +14,7 @@ pub const WIDTH: usize = 110;
 pub fn render_text(report: &Report, options: &ReportOptions) -> String {
     let mut out = String::new();
     header(&mut out, report);
+    notes(&mut out, report);
     if report.stacks.is_empty() {
         out.push_str("\nNo hits.\n");
     } else {
@@ -31,7 +32,7 @@ pub fn render_text(report: &Report, options: &ReportOptions) -> String {
     trimmed
 }
 
-fn plural(n: u64, one: &str, many: &str) -> String {
+pub(crate) fn plural(n: u64, one: &str, many: &str) -> String {
     format!("{} {}", thousands(n), if n == 1 { one } else { many })
 }
 
@@ -115,6 +116,56 @@ fn header(out: &mut String, report: &Report) {
             ));
         }
         let _ = writeln!(out, "  skipped          {}", parts.join("; "));
+    }
+}
+
+/// The capture's own notes (sampling, special pool exhausted), which make the counts
+/// incomplete.
+pub(crate) fn notes(out: &mut String, report: &Report) {
+    if report.notes.is_empty() {
+        return;
+    }
+    let s = &report.summary;
+    let mut why = Vec::new();
+    if s.max_one_in > 1 || s.skipped_hits > 0 {
+        why.push(format!(
+            "sampled up to 1 hit in {}, {} resumed without a record",
+            thousands(s.max_one_in),
+            plural(s.skipped_hits, "hit", "hits")
+        ));
+    }
+    if s.special_pool_exhausted > 0 {
+        why.push(format!(
+            "special pool exhausted {}",
+            plural(s.special_pool_exhausted, "time", "times")
+        ));
+    }
+    let _ = writeln!(out, "\nNotes: the counts are incomplete");
+    if !why.is_empty() {
+        let _ = writeln!(out, "  {}", why.join("; "));
+    }
+    for n in &report.notes {
+        let boot = n.boot.map(|b| format!(" boot {b}")).unwrap_or_default();
+        let line = format!("  {}{boot}: {}", time(n.time), clean(&n.message));
+        let mut rest = line.as_str();
+        let mut first = true;
+        while !rest.is_empty() {
+            let indent = if first { "" } else { "      " };
+            let room = WIDTH - indent.len();
+            let cut = if rest.chars().count() <= room {
+                rest.len()
+            } else {
+                let limit = rest.char_indices().nth(room).map_or(rest.len(), |(i, _)| i);
+                rest.get(..limit)
+                    .and_then(|h| h.rfind(' '))
+                    .filter(|&i| i > 0)
+                    .unwrap_or(limit)
+            };
+            let (head, tail) = rest.split_at(cut);
+            let _ = writeln!(out, "{indent}{}", head.trim_end());
+            rest = tail.trim_start();
+            first = false;
+        }
     }
 }
 

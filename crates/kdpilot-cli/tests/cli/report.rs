@@ -221,6 +221,150 @@ fn never_overwrites_an_input() {
     assert_eq!(std::fs::read(&log).unwrap(), before);
 }
 
+/// A capture with `--track-frees` over two boots: in each, 12 leaky allocations of which the
+/// 3rd, 7th and 11th are never freed, and 4 others all freed; a reboot between them.
+fn tracked_night(dir: &Path) -> PathBuf {
+    let mut c = SynthCapture::new(Vec::new(), at(0)).unwrap();
+    let freer = other();
+    for boot in 0..2 {
+        c.boot().unwrap();
+        for i in 0..12 {
+            c.hit(&leaky(), 64).unwrap();
+            let h = c.hit_number();
+            c.allocated(h, false).unwrap();
+            if ![2, 6, 10].contains(&i) {
+                c.free(h, &freer).unwrap();
+            }
+            if i % 3 == 0 {
+                c.hit(&other(), 512).unwrap();
+                let o = c.hit_number();
+                c.allocated(o, false).unwrap();
+                c.free(o, &freer).unwrap();
+            }
+            c.advance(Duration::from_secs(600));
+        }
+        if boot == 0 {
+            c.reboot().unwrap();
+            c.advance(Duration::from_secs(120));
+        }
+    }
+    c.free(999, &freer).unwrap();
+    c.detached().unwrap();
+    let path = dir.join("tracked.jsonl");
+    std::fs::write(&path, c.into_inner()).unwrap();
+    path
+}
+
+#[test]
+fn outstanding_lists_the_allocations_never_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    tracked_night(dir.path());
+    let r = run_in(dir.path(), &["report", "tracked.jsonl", "--outstanding"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let out = &r.stdout;
+    assert!(
+        out.starts_with(
+            "kdpilot report --outstanding: 3 allocations of tag Leak never freed, 192 B (1 stack)\n"
+        ),
+        "{out}"
+    );
+    // Ages at the end of the log (boot 2 began at 2h02m, its last record at 4h02m): the 3rd
+    // allocation of boot 2 was at 2h22m, the 11th at 3h42m.
+    assert!(
+        out.contains("  #1               3      192 B   1h40m  20m00s  leakydrv"),
+        "{out}"
+    );
+    assert!(out.contains("   > leakydrv!LeakyAllocate+0x46\n"), "{out}");
+    assert!(!out.contains("netfoo!RxAllocateBuffer"), "{out}");
+    assert!(out.contains("Outstanding when boot 1 ended (log 1.1, ended 2026-11-22 03:00:00 UTC): 3 allocations, 192 B"), "{out}");
+    assert!(
+        out.contains("1 free record whose hit is not in the log"),
+        "{out}"
+    );
+
+    let r = run_in(
+        dir.path(),
+        &[
+            "report",
+            "tracked.jsonl",
+            "--outstanding",
+            "--format",
+            "folded",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout.lines().count(), 1);
+    assert!(
+        r.stdout.ends_with(";nt!ExAllocateHeapSpecialPool 3\n"),
+        "{}",
+        r.stdout
+    );
+
+    let r = run_in(
+        dir.path(),
+        &[
+            "report",
+            "tracked.jsonl",
+            "--outstanding",
+            "--format",
+            "json",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let json: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(json["pairing"]["outstanding"], 3);
+    assert_eq!(json["pairing"]["outstanding_in_ended_boots"], 3);
+    assert_eq!(json["ended_boots"][0]["allocations"], 3);
+
+    if kdpilot_report::HAS_FLAMEGRAPH {
+        let r = run_in(
+            dir.path(),
+            &[
+                "report",
+                "tracked.jsonl",
+                "--outstanding",
+                "--svg",
+                "leaks.svg",
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let svg = std::fs::read_to_string(dir.path().join("leaks.svg")).unwrap();
+        assert!(svg.contains("Outstanding allocations of pool tag Leak by stack"));
+        assert!(
+            svg.contains("leakydrv!LeakyAllocate+0x46 (3 allocations"),
+            "{svg}"
+        );
+    }
+
+    let r = run_in(
+        dir.path(),
+        &[
+            "report",
+            "tracked.jsonl",
+            "--outstanding",
+            "--html",
+            "x.html",
+        ],
+    );
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("use --svg FILE"), "{}", r.stderr);
+}
+
+#[test]
+fn outstanding_without_track_frees_says_how_to_capture() {
+    let dir = tempfile::tempdir().unwrap();
+    night(dir.path());
+    let r = run_in(dir.path(), &["report", "night.jsonl", "--outstanding"]);
+    assert_eq!(r.code, 2, "{}", r.stdout);
+    assert!(
+        r.stderr
+            .contains("capture with `kdpilot capture --track-frees`"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stdout.is_empty());
+}
+
 /// Chromium, killed when dropped (a test that fails does not leave it running).
 struct Browser(Child);
 
