@@ -532,3 +532,140 @@ async fn the_report_page_is_kept_up_to_date_during_a_capture() {
         "{hits} hits on the page"
     );
 }
+
+/// The whole leak hunt through the real binary, at 19200 baud across a reboot: `kdpilot
+/// capture --track-frees` on a workload that frees most allocations and leaks two call paths,
+/// then `kdpilot report --outstanding`: the outstanding stacks are exactly the leaking paths of
+/// the last boot, with the simulator's counts.
+#[tokio::test]
+async fn a_leak_hunt_at_19200_baud_names_exactly_the_leaking_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("hunt.log");
+    let json = dir.path().join("hunt.jsonl");
+    let flavour = "modern";
+    let fixture = fixtures(flavour);
+    let mut config = MachineConfig::from_dir(Arch::Amd64, 19041, 2, 5, &fixture).unwrap();
+    config.special_pool_tag = LEAK;
+    let machine = Machine::boot(config).unwrap();
+    let mut activity = AllocationActivity::from_fixture_dir(
+        &fixture,
+        AllocationActivity::leak_hunt_specs(LEAK),
+        5,
+        30.0,
+    )
+    .unwrap();
+    activity.reboot_every_hits = Some(20);
+    let model = LineModel {
+        baud: Some(19200),
+        seed: 5,
+        ..LineModel::clean()
+    };
+    let (pty, done, task) = serve_pty(machine, activity, model);
+    let target = format!("com:port={pty},baud=19200");
+    let out = tokio::time::timeout(
+        LIMIT,
+        capture_cmd(
+            &target,
+            flavour,
+            &log,
+            &["--max-hits", "30", "--track-frees", "--quiet"],
+        )
+        .output(),
+    )
+    .await
+    .expect("capture finished in time")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    println!("leak hunt at 19200 baud: {stdout}");
+    let _ = done.send(());
+    let (machine, activity) = task.await.unwrap();
+    check_clean(&machine);
+    let all = lines(&json);
+    assert!(!events(&all, "reboot").is_empty(), "the target rebooted");
+    assert!(!events(&all, "free").is_empty(), "frees were recorded");
+
+    let report = Command::new(env!("CARGO_BIN_EXE_kdpilot"))
+        .args(["report", "--outstanding", "--format", "folded"])
+        .arg(&json)
+        .output()
+        .await
+        .unwrap();
+    let folded = String::from_utf8_lossy(&report.stdout);
+    assert!(
+        report.status.success(),
+        "{folded}\n{}",
+        String::from_utf8_lossy(&report.stderr)
+    );
+    // Per driver function (the leaf's caller in the driver): outstanding count.
+    let mut got: std::collections::BTreeMap<String, u64> = Default::default();
+    for line in folded.lines() {
+        let (stack, n) = line.rsplit_once(' ').expect("folded line");
+        let driver = stack
+            .split(';')
+            .filter(|f| f.starts_with("leakydrv!"))
+            .next_back()
+            .expect("a driver frame")
+            .split('+')
+            .next()
+            .unwrap()
+            .to_string();
+        *got.entry(driver).or_default() += n.parse::<u64>().unwrap();
+    }
+    // The truth: allocations of the last boot that stopped at the breakpoint and were never
+    // freed, by driver function.
+    let last_boot = activity
+        .workload
+        .truth
+        .iter()
+        .map(|t| t.boot)
+        .max()
+        .unwrap();
+    let recorded: std::collections::BTreeSet<u64> = all
+        .iter()
+        .filter_map(|l| match l {
+            LogLine::Event(EventRecord::Allocated { address, .. }) => Some(*address),
+            _ => None,
+        })
+        .collect();
+    let freed: std::collections::BTreeSet<u64> = activity
+        .workload
+        .truth
+        .iter()
+        // Frees the capture could see: they stopped at its free breakpoint (after it
+        // detached, the target frees with nothing planted).
+        .filter(|t| t.kind == kdpilot_sim::workload::OpKind::Free && !t.stops.is_empty())
+        .map(|t| t.address)
+        .collect();
+    let mut want: std::collections::BTreeMap<String, u64> = Default::default();
+    for t in &activity.workload.truth {
+        if t.boot == last_boot
+            && t.kind == kdpilot_sim::workload::OpKind::Alloc
+            && recorded.contains(&t.address)
+            && !freed.contains(&t.address)
+        {
+            let f = t
+                .path
+                .iter()
+                .rev()
+                .find(|p| p.starts_with("leakydrv!"))
+                .unwrap()
+                .clone();
+            *want.entry(f).or_default() += 1;
+        }
+    }
+    // Only the leaking paths, but for the last balanced allocation if its free had not come
+    // when the capture ended.
+    let balanced: u64 = want
+        .iter()
+        .filter(|(f, _)| !f.contains("LeakyAlloc"))
+        .map(|(_, n)| n)
+        .sum();
+    assert!(
+        balanced <= 1,
+        "the truth leaks only the known paths: {want:?}"
+    );
+    assert!(!want.is_empty(), "something leaked in the last boot");
+    assert_eq!(got, want, "the outstanding report:\n{folded}");
+}
