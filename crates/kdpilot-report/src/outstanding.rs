@@ -129,7 +129,8 @@ fn header(out: &mut String, o: &Outstanding) {
     if p.unpaired > 0 {
         let _ = writeln!(
             out,
-            "  not paired       {} without a learnt address {} not in this report: capture with --track-frees",
+            "  not paired       {} without a learnt address {} not in this report (captured without --track-frees, \
+             sampled out, or the capture ended before the allocator returned)",
             plural(p.unpaired, "hit", "hits"),
             if p.unpaired == 1 { "is" } else { "are" }
         );

@@ -868,7 +868,7 @@ fn unknown_frees_and_unpaired_hits_are_counted() {
     let text = render_outstanding_text(&o, &ReportOptions::default());
     assert!(
         text.contains(
-            "1 hit without a learnt address is not in this report: capture with --track-frees"
+            "1 hit without a learnt address is not in this report (captured without --track-frees"
         ),
         "{text}"
     );
