@@ -89,6 +89,11 @@ struct Phase {
 struct Run {
     baud: u32,
     hardware: bool,
+    /// The leak-hunt workload (most allocations freed), no reboots; with `--track-frees` when
+    /// true.
+    frees: Option<bool>,
+    /// Total line bytes (both ways) at each hit.
+    hit_bytes: Vec<u64>,
     costs: Vec<HitCost>,
     hit_times: Vec<Instant>,
     connect: Phase,
@@ -102,19 +107,19 @@ fn lower_bound(c: &HitCost) -> (u64, u64) {
     kdpilot_capture::cost::lower_bound(c, Arch::Amd64)
 }
 
-async fn run(baud: u32, hardware: bool, hits: u64) -> Run {
+async fn run(baud: u32, hardware: bool, hits: u64, frees: Option<bool>) -> Run {
     let dir = fixtures();
     let mut config = MachineConfig::from_dir(Arch::Amd64, 19041, 2, 7, &dir).expect("fixtures");
     config.special_pool_tag = LEAK;
     let mut machine = Machine::boot(config).expect("boot");
-    let mut activity = AllocationActivity::from_fixture_dir(
-        &dir,
-        AllocationActivity::leakydrv_specs(LEAK),
-        7,
-        120.0,
-    )
-    .expect("activity");
-    activity.reboot_every_hits = Some(12);
+    let specs = if frees.is_some() {
+        AllocationActivity::leak_hunt_specs(LEAK)
+    } else {
+        AllocationActivity::leakydrv_specs(LEAK)
+    };
+    let mut activity =
+        AllocationActivity::from_fixture_dir(&dir, specs, 7, 120.0).expect("activity");
+    activity.reboot_every_hits = if frees.is_some() { None } else { Some(12) };
     let model = LineModel {
         baud: Some(baud),
         ..LineModel::clean()
@@ -161,10 +166,11 @@ async fn run(baud: u32, hardware: bool, hits: u64) -> Run {
         duration: Some(Duration::from_secs(900)),
         hardware_breakpoint: hardware,
         measure: true,
-        track_frees: false,
+        track_frees: frees == Some(true),
         guards: kdpilot_capture::engine::Guards::default(),
     };
     let mut costs = Vec::new();
+    let mut hit_bytes = Vec::new();
     let mut hit_times = Vec::new();
     let mut connect = None;
     let mut rearms = Vec::new();
@@ -172,7 +178,11 @@ async fn run(baud: u32, hardware: bool, hits: u64) -> Run {
     let bytes = || (tx.load(Ordering::Relaxed), rx.load(Ordering::Relaxed));
     let mut capture = Capture::new(options, |e| match e {
         CaptureEvent::HitCost(c) => costs.push(c.clone()),
-        CaptureEvent::Hit(_) => hit_times.push(Instant::now()),
+        CaptureEvent::Hit(_) => {
+            hit_times.push(Instant::now());
+            let (t, r) = bytes();
+            hit_bytes.push(t + r);
+        }
         CaptureEvent::Armed { .. } => {
             let (t, r) = bytes();
             if connect.is_none() {
@@ -223,6 +233,8 @@ async fn run(baud: u32, hardware: bool, hits: u64) -> Run {
     Run {
         baud,
         hardware,
+        frees,
+        hit_bytes,
         costs,
         hit_times,
         connect: connect.unwrap_or_default(),
@@ -238,7 +250,44 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
+/// The leak-hunt runs: everything on the line between the first and the last hit (hits,
+/// returns, frees), per hit.
+fn report_frees(r: &Run) {
+    let n = r.hit_bytes.len().saturating_sub(1).max(1) as f64;
+    let bytes = r
+        .hit_bytes
+        .last()
+        .zip(r.hit_bytes.first())
+        .map_or(0, |(b, a)| b - a) as f64;
+    let span = r
+        .hit_times
+        .last()
+        .zip(r.hit_times.first())
+        .map_or(0.0, |(b, a)| b.duration_since(*a).as_secs_f64());
+    println!(
+        "\n## {} baud, leak-hunt workload (8 in 10 allocations of the tag freed), {}: {} hits, {:.0} s",
+        r.baud,
+        if r.frees == Some(true) {
+            "--track-frees"
+        } else {
+            "hits only"
+        },
+        r.hit_bytes.len(),
+        r.wall
+    );
+    println!(
+        "all line traffic per hit (its stop, and with --track-frees its return and its share of the frees): {:.0} B; \
+         hits per minute: {:.1}",
+        bytes / n,
+        n * 60.0 / span.max(0.001)
+    );
+}
+
 fn report(r: &Run) {
+    if r.frees.is_some() {
+        report_frees(r);
+        return;
+    }
     let n = r.costs.len().max(1) as f64;
     let avg = |f: &dyn Fn(&HitCost) -> f64| r.costs.iter().map(f).sum::<f64>() / n;
     let tx = avg(&|c| c.bytes_tx as f64);
@@ -448,9 +497,14 @@ async fn main() {
             if quick && baud == 115_200 && !hardware {
                 continue;
             }
-            runs.push(run(baud, hardware, hits).await);
+            runs.push(run(baud, hardware, hits, None).await);
             report(runs.last().expect("run"));
         }
+    }
+    // What --track-frees adds, on a workload that frees most of what it allocates.
+    for track in [false, true] {
+        runs.push(run(19200, true, hits, Some(track)).await);
+        report(runs.last().expect("run"));
     }
     if let Some(secs) = value("--idle").and_then(|v| v.parse().ok()) {
         let kdpilot = value("--kdpilot").map(PathBuf::from).unwrap_or_else(|| {

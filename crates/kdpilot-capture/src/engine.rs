@@ -846,10 +846,15 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                 let mut s = running.break_in(Duration::from_secs(30)).await?;
                 self.probe(&mut s, start).await?;
                 let st = s.state().clone();
-                running = if self.our_stop(&st).is_some() || self.extra_stop(&st).is_some() {
-                    self.handle_and_resume(s, false).await?
-                } else {
+                // The break-in's own stop is resumed as is; a stop that came first (a hit, a
+                // return, a free, a module load, a reboot) is handled as any stop.
+                let plain = matches!(&st.info, StateInfo::Exception(_))
+                    && self.our_stop(&st).is_none()
+                    && self.extra_stop(&st).is_none();
+                running = if plain {
                     self.go(s).await?
+                } else {
+                    self.handle_and_resume(s, false).await?
                 };
                 continue;
             }
@@ -1027,8 +1032,8 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             let v = s.refresh_version().await?.clone();
             self.identify(s, &v, fresh).await?;
         }
-        if let Some(kind) = self.extra_stop(&state) {
-            if ours.is_none() {
+        if self.our_stop(&state).is_none() {
+            if let Some(kind) = self.extra_stop(&state) {
                 return self.handle_extra(s, kind).await;
             }
         }
@@ -1521,9 +1526,19 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
         &mut self,
         s: &mut Stopped<S>,
     ) -> Result<Context, CaptureError> {
+        let range = hit_registers(s.arch());
+        self.registers_in(s, range).await
+    }
+
+    /// The registers of `range` (GetContextEx; the rest of the returned context is zero), or
+    /// the whole CONTEXT where GetContextEx is refused.
+    async fn registers_in<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        s: &mut Stopped<S>,
+        range: ContextRange,
+    ) -> Result<Context, CaptureError> {
         let arch = s.arch();
         if self.context_ex != Some(false) {
-            let range = hit_registers(arch);
             match s.request_verified(&GetContextEx { range }).await {
                 Ok(part) if part.bytes.len() == range.byte_count as usize => {
                     self.context_ex = Some(true);
@@ -2080,7 +2095,13 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
         let arch = s.arch();
         match kind {
             Extra::Return => {
-                let ctx = self.registers(s).await?;
+                // Only the return value: 8 bytes instead of the 136 of a hit.
+                let range = match arch {
+                    Arch::Amd64 => ContextRange::for_amd64(&[Amd64Reg::Rax]),
+                    Arch::X86 => ContextRange::for_x86(&[X86Reg::Eax]),
+                }
+                .unwrap_or(ContextRange::full(arch));
+                let ctx = self.registers_in(s, range).await?;
                 let value = arch.canonical_address(match &ctx {
                     Context::Amd64(c) => c.get(Amd64Reg::Rax),
                     Context::X86(c) => c.get(X86Reg::Eax),
@@ -2116,7 +2137,13 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                 })
             }
             Extra::Free => {
-                let ctx = self.registers(s).await?;
+                // The first argument alone decides: the whole stack only for a block we know.
+                let range = match arch {
+                    Arch::Amd64 => ContextRange::for_amd64(&[Amd64Reg::Rcx]),
+                    Arch::X86 => ContextRange::for_x86(&[X86Reg::Esp]),
+                }
+                .unwrap_or(ContextRange::full(arch));
+                let ctx = self.registers_in(s, range).await?;
                 let first = match &ctx {
                     Context::Amd64(c) => c.get(Amd64Reg::Rcx),
                     Context::X86(_) => {
@@ -2133,6 +2160,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                     .unwrap_or_default();
                 match self.known_block(&[first], arch) {
                     Some(block) => {
+                        let ctx = self.registers(s).await?;
                         let frames = self.walk_frames(s, &ctx).await?;
                         self.free_record(s, Some(block), frames, symbol);
                     }
