@@ -2137,13 +2137,9 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                 })
             }
             Extra::Free => {
-                // The first argument alone decides: the whole stack only for a block we know.
-                let range = match arch {
-                    Arch::Amd64 => ContextRange::for_amd64(&[Amd64Reg::Rcx]),
-                    Arch::X86 => ContextRange::for_x86(&[X86Reg::Esp]),
-                }
-                .unwrap_or(ContextRange::full(arch));
-                let ctx = self.registers_in(s, range).await?;
+                // Only special-pool blocks stop here, nearly all of them the capture's: the
+                // hit's registers at once (a second, narrower read first costs more).
+                let ctx = self.registers(s).await?;
                 let first = match &ctx {
                     Context::Amd64(c) => c.get(Amd64Reg::Rcx),
                     Context::X86(_) => {
@@ -2160,7 +2156,6 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                     .unwrap_or_default();
                 match self.known_block(&[first], arch) {
                     Some(block) => {
-                        let ctx = self.registers(s).await?;
                         let frames = self.walk_frames(s, &ctx).await?;
                         self.free_record(s, Some(block), frames, symbol);
                     }
