@@ -30,6 +30,8 @@ pub struct Snapshot {
     pub bytes_per_second: f64,
     /// The last event, short.
     pub last_event: String,
+    /// `--track-frees`: blocks learnt and not freed yet in this boot (`None` without it).
+    pub outstanding: Option<u64>,
 }
 
 /// One status line: `up | build 19041 x64, 2 CPUs | boot 2 | 57 hits, 3 stacks | 12.0/min |
@@ -40,8 +42,12 @@ pub fn render(s: &Snapshot) -> String {
     } else {
         &s.target
     };
+    let outstanding = s
+        .outstanding
+        .map(|n| format!(", {n} outstanding"))
+        .unwrap_or_default();
     format!(
-        "{} | {target} | boot {} | {} hits, {} stacks | {:.1} hits/min | {} | {}",
+        "{} | {target} | boot {} | {} hits, {} stacks{outstanding} | {:.1} hits/min | {} | {}",
         s.link,
         s.boot,
         s.hits,
@@ -148,6 +154,10 @@ impl StatusView {
                 boot, kern_base, ..
             } => {
                 self.snap.boot = *boot;
+                // A reboot frees everything.
+                if let Some(n) = self.snap.outstanding.as_mut() {
+                    *n = 0;
+                }
                 self.snap.last_event = format!("boot {boot}");
                 Some(format!("boot {boot}: kernel at {kern_base:#x}"))
             }
@@ -206,8 +216,17 @@ impl StatusView {
             }
             CaptureEvent::HitCost(_) => None,
             CaptureEvent::Record(r) => match &**r {
+                EventRecord::Allocated { address, .. } => {
+                    if *address != 0 {
+                        *self.snap.outstanding.get_or_insert(0) += 1;
+                    }
+                    None
+                }
                 EventRecord::Free { hit, .. } => {
                     self.snap.last_event = format!("free of hit {hit}");
+                    if let Some(n) = self.snap.outstanding.as_mut() {
+                        *n = n.saturating_sub(1);
+                    }
                     None
                 }
                 EventRecord::Sampled { .. } | EventRecord::SpecialPoolExhausted { .. } => {
@@ -374,11 +393,17 @@ mod tests {
             hits_per_minute: 12.04,
             bytes_per_second: 1300.0,
             last_event: "hit 57: leakydrv!Foo+0x1c".into(),
+            outstanding: None,
         };
         assert_eq!(
             render(&s),
             "up | build 19041 x64, 2 CPUs | boot 2 | 57 hits, 3 stacks | 12.0 hits/min | 1.3 KB/s | hit 57: leakydrv!Foo+0x1c"
         );
+        let s = Snapshot {
+            outstanding: Some(9),
+            ..s
+        };
+        assert!(render(&s).contains("| 57 hits, 3 stacks, 9 outstanding |"));
         assert_eq!(rate(512.4), "512 B/s");
     }
 
