@@ -604,8 +604,7 @@ async fn a_leak_hunt_at_19200_baud_names_exactly_the_leaking_paths() {
         let (stack, n) = line.rsplit_once(' ').expect("folded line");
         let driver = stack
             .split(';')
-            .filter(|f| f.starts_with("leakydrv!"))
-            .next_back()
+            .rfind(|f| f.starts_with("leakydrv!"))
             .expect("a driver frame")
             .split('+')
             .next()
