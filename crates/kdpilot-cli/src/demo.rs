@@ -3,8 +3,10 @@
 //! Starts a simulated Windows target, throttled to a real serial line's speed, on a
 //! pseudo-terminal (Unix: kdpilot opens it through the same serial transport a COM port uses)
 //! or a named pipe (Windows: as a VM's COM port), and runs `kdpilot probe` against it. With the
-//! fake-kernel images of the source tree, it then runs a capture: a driver leaks 'Leak'
-//! allocations, every hit's stack streams to the logs, the target reboots once on the way.
+//! fake-kernel images of the source tree, it then runs a leak hunt: a driver allocates 'Leak'
+//! blocks and frees most of them but leaks on two call paths; `kdpilot capture --track-frees`
+//! streams every allocation's stack to the logs and pairs it with its free (the target reboots
+//! once on the way), and `kdpilot report --outstanding` names the two leaking paths.
 
 use std::time::Duration;
 
@@ -51,7 +53,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     capture_demo(args.baud).await
 }
 
-/// The capture part: the modern fake kernel with the leaky driver, reboot after 4 hits.
+/// The capture part: the modern fake kernel with the leak-hunt driver, a reboot on the way,
+/// then the outstanding report.
 async fn capture_demo(baud: u32) -> anyhow::Result<()> {
     let dir = crate::sim::fixtures_root().join("x64/modern");
     if !dir.join("ntoskrnl.exe").is_file() {
@@ -72,20 +75,27 @@ async fn capture_demo(baud: u32) -> anyhow::Result<()> {
     let mut machine = Machine::boot(config)?;
     let mut activity = kdpilot_sim::AllocationActivity::from_fixture_dir(
         &dir,
-        kdpilot_sim::AllocationActivity::leakydrv_specs(tag),
-        u64::from(std::process::id()),
-        4.0,
+        kdpilot_sim::AllocationActivity::leak_hunt_specs(tag),
+        // A fixed workload (the kernel base still moves with every run).
+        3,
+        8.0,
     )?;
-    activity.reboot_every_hits = Some(4);
+    // The simulator counts every breakpoint stop: with --track-frees a hit also brings its
+    // return and most of the time a free (about 3 stops a hit): one reboot on the way.
+    activity.reboot_every_hits = Some(45);
     let model = LineModel {
         baud: Some(baud),
         ..LineModel::clean()
     };
     let (endpoint, target) = start_target_with(&mut machine, model, activity).await?;
+    let log = kdpilot_capture::log::default_log_file_name(std::time::SystemTime::now());
+    let json = kdpilot_capture::log::json_path_for(&log);
     print(&format!(
-        "\nNow a capture. On the target: special pool for tag 'Leak', a driver that leaks it, a reboot after 4 hits.\n\
-         $ kdpilot capture --target {endpoint} --tag Leak --symbols {} --max-hits 6\n",
-        dir.display()
+        "\nNow a leak hunt. On the target: special pool for tag 'Leak', a driver that frees most of its \
+         'Leak' blocks but leaks some, a reboot on the way.\n\
+         $ kdpilot capture --target {endpoint} --tag Leak --symbols {} --track-frees --max-hits 24 --log {}\n",
+        dir.display(),
+        log.display()
     ))?;
     let args = crate::capture::CaptureArgs {
         target: crate::session::TargetArgs {
@@ -96,13 +106,13 @@ async fn capture_demo(baud: u32) -> anyhow::Result<()> {
         },
         tag: "Leak".into(),
         strategy: "auto".into(),
-        log: None,
+        log: Some(log.clone()),
         json: None,
-        max_hits: Some(6),
+        max_hits: Some(24),
         duration: Some(Duration::from_secs(300)),
         report: None,
         software_breakpoint: false,
-        track_frees: false,
+        track_frees: true,
         frozen_budget: crate::capture::Budget(Some(Duration::from_secs(30))),
         stack_cap: 1000,
         on_exhaustion: crate::capture::ExhaustionArg::Warn,
@@ -110,7 +120,21 @@ async fn capture_demo(baud: u32) -> anyhow::Result<()> {
     };
     let result = crate::capture::run(args, false).await;
     target.abort();
-    result
+    result?;
+    print(&format!(
+        "\nWhich allocations were never freed?\n$ kdpilot report {} --outstanding --top 3\n",
+        json.display()
+    ))?;
+    let outstanding = kdpilot_report::read_outstanding(&[&json])?;
+    let options = kdpilot_report::ReportOptions {
+        top: 3,
+        ..kdpilot_report::ReportOptions::default()
+    };
+    print(&kdpilot_report::render_outstanding_text(
+        &outstanding,
+        &options,
+    ))?;
+    Ok(())
 }
 
 #[cfg(unix)]

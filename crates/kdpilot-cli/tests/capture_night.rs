@@ -668,3 +668,49 @@ async fn a_leak_hunt_at_19200_baud_names_exactly_the_leaking_paths() {
     assert!(!want.is_empty(), "something leaked in the last boot");
     assert_eq!(got, want, "the outstanding report:\n{folded}");
 }
+
+/// The README's first command: `kdpilot demo` probes the simulator, hunts a leak through a
+/// reboot and ends with the outstanding report naming the leaking path.
+#[tokio::test]
+async fn the_demo_hunts_a_leak_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::time::timeout(
+        LIMIT,
+        Command::new(env!("CARGO_BIN_EXE_kdpilot"))
+            .arg("demo")
+            .current_dir(dir.path())
+            .env_remove("_NT_SYMBOL_PATH")
+            .env_remove("_NT_DEBUG_LOG_FILE_APPEND")
+            .env_remove("_NT_DEBUG_LOG_FILE_OPEN")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("demo finished in time")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("24 hits captured"), "{stdout}");
+    let report = stdout
+        .split_once("--outstanding --top 3\n")
+        .expect("the outstanding report")
+        .1;
+    assert!(report.contains("never freed"), "{report}");
+    let top = report
+        .lines()
+        .find(|l| l.trim_start().starts_with("#1 "))
+        .expect("a top stack");
+    assert!(top.contains("leakydrv!LeakyAlloc"), "{top}");
+    assert!(stderr.contains("the target is rebooting"), "{stderr}");
+    // The logs are in the working directory and parse.
+    let json = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .expect("the JSON log");
+    let all = lines(&json);
+    assert!(!events(&all, "free").is_empty());
+    assert!(!events(&all, "allocated").is_empty());
+}
