@@ -279,7 +279,7 @@ async fn capture_follows_reboots_and_rearms() {
 /// The host's end of a line that dies (a pipe that vanishes) after `budget` bytes, or when the
 /// host sends its `steps`-th single-step Continue2 (the moment a recorded hit's stop is about
 /// to be resumed: the kernel reports that stop again after the reconnect).
-struct Cuttable<S> {
+pub(crate) struct Cuttable<S> {
     inner: S,
     budget: u64,
     steps: Option<u32>,
@@ -350,9 +350,9 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Cuttable<S> {
 }
 
 /// Hands the simulator a new line for every (re)connection; each line dies as `cuts` says.
-struct CuttingConnector {
-    lines: tokio::sync::mpsc::UnboundedSender<tokio::io::DuplexStream>,
-    cuts: std::collections::VecDeque<(u64, Option<u32>)>,
+pub(crate) struct CuttingConnector {
+    pub(crate) lines: tokio::sync::mpsc::UnboundedSender<tokio::io::DuplexStream>,
+    pub(crate) cuts: std::collections::VecDeque<(u64, Option<u32>)>,
 }
 
 impl kdpilot_capture::engine::Connector for CuttingConnector {

@@ -495,3 +495,131 @@ async fn special_pool_exhaustion_is_noticed_and_followed_with_pool_hit_tag() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn lost_links_keep_every_pairing_right() {
+    bounded(async {
+        let d = dir(Arch::Amd64, "modern");
+        let mut mconfig = MachineConfig::from_dir(Arch::Amd64, 19041, 2, 78, &d).unwrap();
+        mconfig.special_pool_tag = LEAK;
+        let mut machine = Machine::boot(mconfig).unwrap();
+        let mut activity = AllocationActivity::from_fixture_dir(
+            &d,
+            AllocationActivity::leak_hunt_specs(LEAK),
+            10,
+            200.0,
+        )
+        .unwrap();
+        // The simulator counts every stop (hits, returns, frees).
+        activity.reboot_every_hits = Some(50);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<tokio::io::DuplexStream>();
+        let sim = tokio::spawn(async move {
+            while let Some(line) = rx.recv().await {
+                let _ =
+                    serve_with(line, &mut machine, &TargetOptions::default(), &mut activity).await;
+            }
+            (machine, activity)
+        });
+        // Cuts after byte counts that land anywhere: in a hit, a return, a free, while the
+        // extra breakpoints are being planted, in a boot's arming.
+        // The first link lives long enough to arm (a failed first connection ends a capture).
+        let cuts: std::collections::VecDeque<(u64, Option<u32>)> = std::iter::once(30_000)
+            .chain((0..14u64).map(|i| 500 + i * 997 % 5000))
+            .map(|b| (b, None))
+            .collect();
+        let n_cuts = cuts.len();
+        let mut connector = crate::capture::CuttingConnector { lines: tx, cuts };
+        let mut events = Vec::new();
+        let options = CaptureOptions {
+            tag: LEAK,
+            strategy: StrategyChoice::SpecialPool,
+            symbols: d.display().to_string(),
+            offline: true,
+            max_hits: Some(40),
+            duration: Some(Duration::from_secs(100)),
+            hardware_breakpoint: true,
+            measure: false,
+            track_frees: true,
+            guards: Guards::default(),
+        };
+        let mut capture = Capture::new(options, |e| events.push(e.clone())).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        capture
+            .run_with(&mut connector, &stop)
+            .await
+            .expect("capture");
+        drop(capture);
+        drop(connector);
+        let (machine, activity) = sim.await.unwrap();
+        assert!(machine.running);
+        assert!(
+            machine.planted().is_empty(),
+            "left planted: {:?}",
+            machine.planted()
+        );
+        let lost = events
+            .iter()
+            .filter(|e| matches!(e, CaptureEvent::LinkLost { .. }))
+            .count();
+        assert!(
+            lost + 3 >= n_cuts,
+            "{lost} of {n_cuts} cuts were lost links"
+        );
+        let hits: Vec<HitRecord> = events
+            .iter()
+            .filter_map(|e| match e {
+                CaptureEvent::Hit(h) => Some((**h).clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(hits.len(), 40);
+        let allocs = truth_ops(&activity, "nt!ExAllocateHeapSpecialPool", OpKind::Alloc);
+        let mut learnt = std::collections::BTreeMap::new();
+        let mut freed = std::collections::BTreeSet::new();
+        for e in &events {
+            match e {
+                CaptureEvent::Record(r) => match &**r {
+                    EventRecord::Allocated { hit, address, .. } => {
+                        let t = allocs[(*hit - 1) as usize];
+                        assert_eq!(*address, t.address, "hit {hit}'s address");
+                        assert!(learnt.insert(*address, *hit).is_none(), "learnt twice");
+                    }
+                    EventRecord::Free { hit, address, .. } => {
+                        assert_eq!(learnt.get(address), Some(hit), "free of {address:#x}");
+                        assert!(freed.insert(*hit), "hit {hit} freed twice");
+                    }
+                    _ => {}
+                },
+                CaptureEvent::Warning(w) => {
+                    assert!(
+                        !w.contains("refused a breakpoint"),
+                        "a breakpoint was refused: {w}"
+                    );
+                }
+                _ => {}
+            }
+        }
+        // A return whose link died before it came is not learnt; everything else is.
+        assert!(
+            learnt.len() + lost + 1 >= hits.len(),
+            "{} learnt",
+            learnt.len()
+        );
+        // Every free of a learnt block that stopped at the free breakpoint is recorded.
+        let missing: Vec<u64> = truth_ops(&activity, "nt!ExFreeHeapSpecialPool", OpKind::Free)
+            .iter()
+            .filter_map(|t| learnt.get(&t.address).copied())
+            .filter(|h| !freed.contains(h))
+            .collect();
+        eprintln!(
+            "{lost} links lost; {} learnt, {} frees recorded",
+            learnt.len(),
+            freed.len()
+        );
+        assert!(
+            missing.is_empty(),
+            "frees of hits {missing:?} were not recorded"
+        );
+    })
+    .await;
+}

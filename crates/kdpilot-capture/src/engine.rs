@@ -1392,6 +1392,8 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                             for handle in 1..=32 {
                                 let _ = s.request(&api::RestoreBreakPoint { handle }).await;
                             }
+                            // The extra breakpoints went with the table: planted again below.
+                            b.extra.clear();
                             s.request(&write).await?
                         }
                         Err(e) => return Err(e.into()),
@@ -1430,13 +1432,26 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             if b.extra.contains_key(address) {
                 continue;
             }
-            match s.request(&api::WriteBreakPoint { address: *address }).await {
+            let write = api::WriteBreakPoint { address: *address };
+            let mut planted = s.request(&write).await;
+            if let Err(KdError::Payload(PayloadError::Failed { .. })) = planted {
+                // Already there: planted just before a link loss whose reply never came (its
+                // handle unknown). Only kdpilot plants breakpoints: every handle that is not one
+                // of ours is that orphan. Remove them and plant again.
+                let mut ours: BTreeSet<u32> = b.extra.values().copied().collect();
+                ours.extend(b.handle);
+                for handle in (1..=32).filter(|h| !ours.contains(h)) {
+                    let _ = s.request(&api::RestoreBreakPoint { handle }).await;
+                }
+                planted = s.request(&write).await;
+            }
+            match planted {
                 Ok(h) => {
                     b.extra.insert(*address, h);
                 }
                 Err(KdError::Payload(PayloadError::Failed { .. })) => {
-                    // Already there (a reply lost before a link loss, or the table is full):
-                    // a return that cannot be caught leaves its block's address unknown.
+                    // Refused again (the table is full of breakpoints that are not ours?): a
+                    // return that cannot be caught leaves its block's address unknown.
                     let lost: Vec<u64> = b
                         .pending_returns
                         .iter()
