@@ -623,3 +623,223 @@ async fn lost_links_keep_every_pairing_right() {
     })
     .await;
 }
+
+/// The host's end of a line that dies right after the host has written its `n`-th
+/// WriteBreakPoint request (ApiNumber 0x3134 at the start of a manipulate packet's body): the
+/// kernel gets the request, plants the breakpoint and replies, but the reply (the handle) never
+/// reaches the host: from then on the host reads nothing, and its next write, 300 ms or more
+/// later, finds the line dead.
+struct DiesAfterPlant {
+    inner: tokio::io::DuplexStream,
+    left: Option<u32>,
+    dead_since: Option<std::time::Instant>,
+}
+
+impl DiesAfterPlant {
+    fn gone(&self) -> bool {
+        self.dead_since
+            .is_some_and(|t| t.elapsed() >= Duration::from_millis(300))
+    }
+}
+
+impl tokio::io::AsyncRead for DiesAfterPlant {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.gone() {
+            return std::task::Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+        }
+        if self.dead_since.is_some() {
+            // The kernel's ACK and reply go nowhere.
+            let mut scratch = [0u8; 4096];
+            let mut sink = tokio::io::ReadBuf::new(&mut scratch);
+            while let std::task::Poll::Ready(Ok(())) =
+                std::pin::Pin::new(&mut self.inner).poll_read(cx, &mut sink)
+            {
+                if sink.filled().is_empty() {
+                    break;
+                }
+                sink.clear();
+            }
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for DiesAfterPlant {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.dead_since.is_some() {
+            if self.gone() {
+                return std::task::Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+            }
+            return std::task::Poll::Ready(Ok(buf.len()));
+        }
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        // A data packet (leader 0x30303030, type 2) whose body starts with 0x3134.
+        let plant = buf.len() > 20
+            && buf[..4] == [0x30; 4]
+            && buf[4..6] == [2, 0]
+            && buf[16..20] == [0x34, 0x31, 0, 0];
+        if plant {
+            if let Some(n) = self.left.as_mut() {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.dead_since = Some(std::time::Instant::now());
+                }
+            }
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+struct PlantCutter {
+    lines: tokio::sync::mpsc::UnboundedSender<tokio::io::DuplexStream>,
+    cuts: std::collections::VecDeque<Option<u32>>,
+}
+
+impl kdpilot_capture::engine::Connector for PlantCutter {
+    type Link = DiesAfterPlant;
+
+    async fn connect(
+        &mut self,
+        _reconnect: bool,
+    ) -> Result<kdpilot_kd::client::Stopped<Self::Link>, kdpilot_capture::engine::ConnectError>
+    {
+        let (host, target) = tokio::io::duplex(64 * 1024);
+        let _ = self.lines.send(target);
+        let io = DiesAfterPlant {
+            inner: host,
+            left: self.cuts.pop_front().flatten(),
+            dead_since: None,
+        };
+        kdpilot_kd::client::Connection::new(io, config(&LineModel::clean(), EventSink::none()))
+            .connect(Duration::from_secs(30))
+            .await
+            .map_err(|e| kdpilot_capture::engine::ConnectError {
+                message: e.to_string(),
+                retry: true,
+            })
+    }
+
+    fn describe(&self) -> String {
+        "a line that dies as breakpoints are planted".into()
+    }
+}
+
+#[tokio::test]
+async fn a_breakpoint_planted_as_the_link_died_is_planted_again() {
+    bounded(async {
+        let d = dir(Arch::Amd64, "modern");
+        let mut mconfig = MachineConfig::from_dir(Arch::Amd64, 19041, 2, 79, &d).unwrap();
+        mconfig.special_pool_tag = LEAK;
+        let mut machine = Machine::boot(mconfig).unwrap();
+        let mut activity = AllocationActivity::from_fixture_dir(
+            &d,
+            AllocationActivity::leak_hunt_specs(LEAK),
+            12,
+            200.0,
+        )
+        .unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<tokio::io::DuplexStream>();
+        let sim = tokio::spawn(async move {
+            while let Some(line) = rx.recv().await {
+                let _ =
+                    serve_with(line, &mut machine, &TargetOptions::default(), &mut activity).await;
+            }
+            (machine, activity)
+        });
+        // Each link dies just after a WriteBreakPoint went out: the free breakpoint at the
+        // first arming, then return breakpoints; the last link lives.
+        let cuts = [Some(1), Some(2), Some(1), Some(3), Some(2), None]
+            .into_iter()
+            .collect();
+        let mut connector = PlantCutter { lines: tx, cuts };
+        let mut events = Vec::new();
+        let options = CaptureOptions {
+            tag: LEAK,
+            strategy: StrategyChoice::SpecialPool,
+            symbols: d.display().to_string(),
+            offline: true,
+            max_hits: Some(20),
+            duration: Some(Duration::from_secs(60)),
+            hardware_breakpoint: true,
+            measure: false,
+            track_frees: true,
+            guards: Guards::default(),
+        };
+        let mut capture = Capture::new(options, |e| events.push(e.clone())).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        capture
+            .run_with(&mut connector, &stop)
+            .await
+            .expect("capture");
+        drop(capture);
+        drop(connector);
+        let (machine, activity) = sim.await.unwrap();
+        assert!(
+            machine.planted().is_empty(),
+            "left planted: {:?}",
+            machine.planted()
+        );
+        let lost = events
+            .iter()
+            .filter(|e| matches!(e, CaptureEvent::LinkLost { .. }))
+            .count();
+        assert_eq!(lost, 5, "every cut link was lost and reopened");
+        for e in &events {
+            if let CaptureEvent::Warning(w) = e {
+                assert!(!w.contains("refused a breakpoint"), "{w}");
+                assert!(!w.contains("not kdpilot's"), "a stray breakpoint: {w}");
+            }
+        }
+        let learnt: std::collections::BTreeMap<u64, u64> = events
+            .iter()
+            .filter_map(|e| match e {
+                CaptureEvent::Record(r) => match &**r {
+                    EventRecord::Allocated { hit, address, .. } => Some((*address, *hit)),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        let freed: std::collections::BTreeSet<u64> = events
+            .iter()
+            .filter_map(|e| match e {
+                CaptureEvent::Record(r) => match &**r {
+                    EventRecord::Free { hit, .. } => Some(*hit),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        let missing: Vec<u64> = truth_ops(&activity, "nt!ExFreeHeapSpecialPool", OpKind::Free)
+            .iter()
+            .filter_map(|t| learnt.get(&t.address).copied())
+            .filter(|h| !freed.contains(h))
+            .collect();
+        assert!(missing.is_empty(), "frees of hits {missing:?} were lost");
+        assert!(!freed.is_empty());
+    })
+    .await;
+}
