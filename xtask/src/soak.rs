@@ -439,7 +439,13 @@ async fn soak(n: &Night, exe: &Path, root: &Path, dir: &Path) -> Result<()> {
     let text = std::fs::read_to_string(&log)?;
     let text_hits = text
         .lines()
-        .filter(|l| l.starts_with('[') && l.contains("] boot ") && l.contains(" hit "))
+        .filter(|l| {
+            // `[time] boot N hit M  tag ...`, not `... hit M returned ...` nor `... free of hit M`.
+            l.starts_with('[')
+                && l.contains("] boot ")
+                && l.contains(" hit ")
+                && l.contains("  tag ")
+        })
         .count();
     let rearm = check::rearm_times(&lines);
     let event_count = |kind: &str| {
@@ -640,10 +646,24 @@ fn print_frees(f: &frees::FreeVerdict) {
         f.missing_link_lost
     );
     println!(
-        "  frees of learnt blocks that did not stop (after the capture ended): {}; stops at the free breakpoint \
-         of blocks not learnt: {}",
-        f.unstopped, f.unknown_stops
+        "  truth frees of learnt blocks that did not stop at {}: {} after the capture ended, {} while attached; \
+         stops there of blocks not learnt: {}",
+        FREE_BREAKPOINT, f.after_end, f.not_stopped, f.unknown_stops
     );
+    if f.foreign_free_stops > 0 || !f.refusals.is_empty() {
+        println!(
+            "  kdpilot took {} stop(s) at {} for someone else's; the target refused {} breakpoint(s):",
+            f.foreign_free_stops,
+            FREE_BREAKPOINT,
+            f.refusals.len()
+        );
+        for (boot, when, message, lost) in &f.refusals {
+            println!(
+                "    boot {boot}, {when}: \"{message}\"; frees of this boot lost (not recorded with the link up, \
+                 or not stopped while attached): {lost}"
+            );
+        }
+    }
     let paths: Vec<String> = f
         .by_path
         .iter()

@@ -85,9 +85,16 @@ pub struct FreeVerdict {
     pub missing_link_lost: usize,
     /// ... missing with the link up (a defect).
     pub missing_link_up: usize,
-    /// Truth frees of learnt blocks that did not stop at the free breakpoint (the breakpoint
-    /// was not planted: after the capture ended).
-    pub unstopped: usize,
+    /// Truth frees of learnt blocks that did not stop at the free breakpoint after the capture
+    /// ended (the breakpoint is gone: the last allocations' frees).
+    pub after_end: usize,
+    /// ... and while kdpilot was attached (its free breakpoint was not planted: a defect).
+    pub not_stopped: usize,
+    /// The target refused a breakpoint (`warning` records), in order: (kdpilot's boot, time,
+    /// message, frees of that boot not recorded with the link up or not stopped).
+    pub refusals: Vec<(u64, String, String, usize)>,
+    /// Stops at the free function that kdpilot took for someone else's (`warning` records).
+    pub foreign_free_stops: usize,
     /// Truth frees that stopped at the free breakpoint, of blocks kdpilot did not learn (resumed
     /// without a record).
     pub unknown_stops: usize,
@@ -136,11 +143,29 @@ impl FreeVerdict {
                 self.free_wrong, self.free_duplicates
             ));
         }
+        if self.not_stopped > 0 {
+            out.push(format!(
+                "{} free(s) of learnt blocks made while kdpilot was attached did not stop at the free breakpoint \
+                 (it was not planted)",
+                self.not_stopped
+            ));
+        }
         if self.missing_link_up > 0 {
             out.push(format!(
                 "{} free(s) of learnt blocks stopped at the free breakpoint with the link up and not recorded",
                 self.missing_link_up
             ));
+        }
+        for (boot, when, message, lost) in &self.refusals {
+            if *lost > 0 {
+                out.push(format!(
+                    "capture engine defect: in boot {boot} at {when} kdpilot warned \"{message}\" and {lost} free(s) of \
+                     that boot were lost; the target refuses a breakpoint that is already planted (a WriteBreakPoint \
+                     asked again after its reply was lost), kdpilot then forgets a breakpoint that is in place \
+                     ({} stop(s) at the free function taken for someone else's)",
+                    self.foreign_free_stops
+                ));
+            }
         }
         if !self.balanced_over.is_empty() {
             out.push(format!(
@@ -167,6 +192,19 @@ impl FreeVerdict {
         }
         out
     }
+}
+
+/// A log time as `HH:MM:SS.mmm` (UTC).
+fn humantime_ms(t: std::time::SystemTime) -> String {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let s = d.as_secs() % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:03} UTC",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        d.subsec_millis()
+    )
 }
 
 /// The driver function an allocation's path ends in (`leakydrv!LeakyAllocPushes`).
@@ -367,6 +405,7 @@ pub fn check(
     // records say (leaving out the gaps explained below), as the truth says.
     let mut balanced_in_boot: BTreeMap<u64, usize> = BTreeMap::new();
     let mut truth_balanced_in_boot: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut lost_in_boot: BTreeMap<u64, usize> = BTreeMap::new();
     for (hit, &k) in &verdict.matched {
         let alloc = &truth[hits[k].record];
         let boot = records.get(hit).map_or(0, |h| h.boot);
@@ -379,26 +418,34 @@ pub fn check(
         // Outstanding in kdpilot's records while the truth freed it, for a reason that is
         // not a defect: no address learnt, a free lost with the link, a free after the end.
         let mut explained = false;
+        // The window the free falls in (it is the workload's next operation after its
+        // allocation): from the allocated record to the next hit.
+        let window = || {
+            let from = allocated_at.get(hit).copied().unwrap_or(0);
+            let to = lines[from..]
+                .iter()
+                .position(|l| matches!(l, LogLine::Hit(_)))
+                .map_or(lines.len(), |p| from + p);
+            &lines[from..to]
+        };
+        let has = |kind: &str| {
+            window()
+                .iter()
+                .any(|l| matches!(l, LogLine::Event(e) if e.kind() == kind))
+        };
         match (learnt.get(hit), truth_freed) {
             (Some(&address), Some(f)) if stopped_at_free(f).is_some() => {
                 v.expected += 1;
                 if recorded {
                     v.recorded += 1;
                 } else {
-                    // The window the free falls in: from the allocated record to the next hit.
-                    let from = allocated_at.get(hit).copied().unwrap_or(0);
-                    let to = lines[from..]
-                        .iter()
-                        .position(|l| matches!(l, LogLine::Hit(_)))
-                        .map_or(lines.len(), |p| from + p);
-                    let lost = lines[from..to]
-                        .iter()
-                        .any(|l| matches!(l, LogLine::Event(EventRecord::LinkLost { .. })));
+                    let lost = has("link_lost");
                     if lost {
                         v.missing_link_lost += 1;
                         explained = true;
                     } else {
                         v.missing_link_up += 1;
+                        *lost_in_boot.entry(boot).or_default() += 1;
                     }
                     note(
                         &mut v.examples,
@@ -416,9 +463,28 @@ pub fn check(
                     );
                 }
             }
-            (Some(_), Some(_)) => {
-                v.unstopped += 1;
-                explained = !recorded;
+            (Some(&address), Some(f)) => {
+                // The truth freed it without a stop at the free breakpoint: fine after the
+                // capture ended (the breakpoint is gone); while kdpilot was attached, its free
+                // breakpoint was not planted.
+                if has("detached") {
+                    v.after_end += 1;
+                    explained = !recorded;
+                } else {
+                    v.not_stopped += 1;
+                    *lost_in_boot.entry(boot).or_default() += 1;
+                    if v.not_stopped <= 3 {
+                        note(
+                            &mut v.examples,
+                            format!(
+                                "free not stopped: hit {hit} (boot {boot}, {path}, block {address:#x}) was freed by the \
+                                 truth (seq {}, cpu {}) while kdpilot was attached, and {free_function} did not stop it: \
+                                 the free breakpoint was not planted",
+                                f.seq, f.cpu
+                            ),
+                        );
+                    }
+                }
             }
             (None, Some(_)) => explained = true,
             (_, None) => {}
@@ -438,6 +504,25 @@ pub fn check(
             if balanced {
                 *truth_balanced_in_boot.entry(boot).or_default() += 1;
             }
+        }
+    }
+    // What kdpilot said about breakpoints the target refused, and stops it did not own at the
+    // free function: where a missing free usually comes from.
+    let mut boot = 0;
+    let free_name = free_function.rsplit('!').next().unwrap_or(free_function);
+    for l in lines {
+        match l {
+            LogLine::Event(EventRecord::Boot { boot: b, .. }) => boot = *b,
+            LogLine::Event(EventRecord::Warning { time, message, .. }) => {
+                if message.contains("refused a breakpoint") {
+                    let when = humantime_ms(*time);
+                    let lost = lost_in_boot.get(&boot).copied().unwrap_or(0);
+                    v.refusals.push((boot, when, message.clone(), lost));
+                } else if message.contains("not kdpilot's") && message.contains(free_name) {
+                    v.foreign_free_stops += 1;
+                }
+            }
+            _ => {}
         }
     }
     let blocks: std::collections::HashSet<u64> = learnt.values().copied().collect();
