@@ -321,6 +321,9 @@ async fn soak(n: &Night, exe: &Path, root: &Path, dir: &Path) -> Result<()> {
         .env_remove("_NT_DEBUG_LOG_FILE_OPEN")
         .env_remove("KDPILOT_LOG")
         .env_remove("RUST_LOG")
+        // To chase a finding: KDPILOT_SOAK_LOG=kdpilot_kd=debug becomes kdpilot's KDPILOT_LOG
+        // (its stderr is kept with --keep).
+        .envs(std::env::var_os("KDPILOT_SOAK_LOG").map(|v| ("KDPILOT_LOG", v)))
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(dir.join("kdpilot.stdout"))?)
         .stderr(std::fs::File::create(&stderr_path)?)
