@@ -23,6 +23,7 @@
 //! peak at the start. Any failure exits nonzero.
 
 mod check;
+mod frees;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -43,6 +44,8 @@ pub const ABOUT: &str = "a compressed night against the simulator: reboots, lost
 
 const LEAK: u32 = u32::from_le_bytes(*b"Leak");
 const BREAKPOINT: &str = "nt!ExAllocateHeapSpecialPool";
+/// Where `--track-frees` catches the frees of special-pool blocks on this (segment-heap) kernel.
+const FREE_BREAKPOINT: &str = "nt!ExFreeHeapSpecialPool";
 /// Where in the night the hang starts.
 const HANG_AT: f64 = 0.5;
 /// The longest the log may stay silent outside the hang: a reboot with the socket gone (4 s),
@@ -70,6 +73,8 @@ struct Night {
     /// Fewest hits and reboots for the night to count.
     min_hits: usize,
     min_reboots: usize,
+    /// The leak hunt: the workload frees most allocations, kdpilot runs with `--track-frees`.
+    track_frees: bool,
 }
 
 impl Night {
@@ -87,6 +92,7 @@ impl Night {
             memory_bound_kib: 8 * 1024,
             min_hits: 2000,
             min_reboots: 20,
+            track_frees: false,
         }
     }
 
@@ -102,6 +108,15 @@ impl Night {
             ..Night::full(2.0, seed)
         }
     }
+
+    /// The same night as a leak hunt: the workload frees most of its allocations
+    /// (`AllocationActivity::leak_hunt_specs`) and kdpilot runs with `--track-frees`.
+    fn tracking_frees(self) -> Self {
+        Night {
+            track_frees: true,
+            ..self
+        }
+    }
 }
 
 /// Runs the subcommand.
@@ -110,11 +125,13 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut quick = false;
     let mut seed = 1u64;
     let mut keep = false;
+    let mut track_frees = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => quick = true,
             "--keep" => keep = true,
+            "--track-frees" => track_frees = true,
             "--minutes" => {
                 let v = it.next().context("--minutes needs a number")?;
                 minutes = v.parse().with_context(|| format!("--minutes {v}"))?;
@@ -128,14 +145,19 @@ pub fn run(args: &[String]) -> Result<()> {
                 let v = it.next().context("--seed needs a number")?;
                 seed = v.parse().with_context(|| format!("--seed {v}"))?;
             }
-            other => bail!("unknown argument `{other}` (--minutes N, --quick, --seed S, --keep)"),
+            other => bail!(
+                "unknown argument `{other}` (--minutes N, --quick, --seed S, --keep, --track-frees)"
+            ),
         }
     }
-    let night = if quick {
+    let mut night = if quick {
         Night::quick(seed)
     } else {
         Night::full(minutes, seed)
     };
+    if track_frees {
+        night = night.tracking_frees();
+    }
     let root = crate::workspace_root();
     println!("soak: building kdpilot");
     let status = std::process::Command::new("cargo")
@@ -240,12 +262,12 @@ async fn soak(n: &Night, exe: &Path, root: &Path, dir: &Path) -> Result<()> {
         .context("the fixture kernel")?;
     config.special_pool_tag = LEAK;
     let machine = Machine::boot(config).context("booting the simulator")?;
-    let workload = AllocationActivity::from_fixture_dir(
-        &fix,
-        AllocationActivity::leakydrv_specs(LEAK),
-        n.seed,
-        n.rate,
-    )?;
+    let specs = if n.track_frees {
+        AllocationActivity::leak_hunt_specs(LEAK)
+    } else {
+        AllocationActivity::leakydrv_specs(LEAK)
+    };
+    let workload = AllocationActivity::from_fixture_dir(&fix, specs, n.seed, n.rate)?;
     let (activity, faults) = SoakActivity::new(workload);
     let socket = dir.join("com1.sock");
     let (control, control_rx) = mpsc::unbounded_channel();
@@ -263,7 +285,7 @@ async fn soak(n: &Night, exe: &Path, root: &Path, dir: &Path) -> Result<()> {
     }
     println!(
         "soak: {:.1} min night: {} reboots + {} bugchecks, {} vanished sockets + 1 during a {} s hang, \
-         1 byte in {:.0} flipped and 1 in {:.0} lost both ways, {} allocations/s (seed {})",
+         1 byte in {:.0} flipped and 1 in {:.0} lost both ways, {} allocations/s{} (seed {})",
         n.length.as_secs_f64() / 60.0,
         n.reboots,
         n.bugchecks,
@@ -272,6 +294,11 @@ async fn soak(n: &Night, exe: &Path, root: &Path, dir: &Path) -> Result<()> {
         1.0 / n.corrupt_rate,
         1.0 / n.drop_rate,
         n.rate,
+        if n.track_frees {
+            " and frees (leak hunt, --track-frees)"
+        } else {
+            ""
+        },
         n.seed
     );
     let log = dir.join("night.log");
@@ -282,6 +309,7 @@ async fn soak(n: &Night, exe: &Path, root: &Path, dir: &Path) -> Result<()> {
         // The night is checked hit by hit against the ground truth: every hit recorded with
         // its frames (sampling and the per-stack cap are tested in tests/e2e/leaks.rs).
         .args(["--frozen-budget", "off", "--stack-cap", "0"])
+        .args(n.track_frees.then_some("--track-frees"))
         .arg("--target")
         .arg(format!("unix:{}", socket.display()))
         .arg("--symbols")
@@ -293,6 +321,9 @@ async fn soak(n: &Night, exe: &Path, root: &Path, dir: &Path) -> Result<()> {
         .env_remove("_NT_DEBUG_LOG_FILE_OPEN")
         .env_remove("KDPILOT_LOG")
         .env_remove("RUST_LOG")
+        // To chase a finding: KDPILOT_SOAK_LOG=kdpilot_kd=debug becomes kdpilot's KDPILOT_LOG
+        // (its stderr is kept with --keep).
+        .envs(std::env::var_os("KDPILOT_SOAK_LOG").map(|v| ("KDPILOT_LOG", v)))
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(dir.join("kdpilot.stdout"))?)
         .stderr(std::fs::File::create(&stderr_path)?)
@@ -344,10 +375,21 @@ async fn soak(n: &Night, exe: &Path, root: &Path, dir: &Path) -> Result<()> {
             if last_print.elapsed() >= Duration::from_secs(30) {
                 last_print = Instant::now();
                 let text = std::fs::read_to_string(&json).unwrap_or_default();
+                let frees = if n.track_frees {
+                    format!(
+                        ", {} allocated, {} freed",
+                        text.matches("\"event\":\"allocated\"").count(),
+                        text.matches("\"event\":\"free\"").count()
+                    )
+                } else {
+                    String::new()
+                };
                 println!(
-                    "soak: {:>4} s: {} hits, {} boots, {} links lost, kdpilot VmRSS {} KiB",
+                    "soak: {:>4} s: {} hits{frees}, {} boots, {} links lost, kdpilot VmRSS {} KiB",
                     started.elapsed().as_secs(),
-                    text.matches("\"hit\":").count(),
+                    text.lines()
+                        .filter(|l| !l.contains("\"event\":") && l.contains("\"hit\":"))
+                        .count(),
                     text.matches("\"event\":\"boot\"").count(),
                     text.matches("\"event\":\"link_lost\"").count(),
                     memory(pid).map_or(0, |m| m.1),
@@ -388,10 +430,25 @@ async fn soak(n: &Night, exe: &Path, root: &Path, dir: &Path) -> Result<()> {
         .collect();
     let (truth, repeated_stops) = check::truth_hits(&activity.inner.workload.truth, BREAKPOINT);
     let verdict = check::compare(&truth, &records);
+    let frees = n.track_frees.then(|| {
+        frees::check(
+            &activity.inner.workload.truth,
+            &truth,
+            &verdict,
+            &lines,
+            FREE_BREAKPOINT,
+        )
+    });
     let text = std::fs::read_to_string(&log)?;
     let text_hits = text
         .lines()
-        .filter(|l| l.starts_with('[') && l.contains("] boot ") && l.contains(" hit "))
+        .filter(|l| {
+            // `[time] boot N hit M  tag ...`, not `... hit M returned ...` nor `... free of hit M`.
+            l.starts_with('[')
+                && l.contains("] boot ")
+                && l.contains(" hit ")
+                && l.contains("  tag ")
+        })
         .count();
     let rearm = check::rearm_times(&lines);
     let event_count = |kind: &str| {
@@ -438,6 +495,9 @@ async fn soak(n: &Night, exe: &Path, root: &Path, dir: &Path) -> Result<()> {
     );
     for e in &verdict.examples {
         println!("    {e}");
+    }
+    if let Some(f) = &frees {
+        print_frees(f);
     }
     println!(
         "  reboots: {} by the simulator ({} with the socket gone for the downtime), {} seen by kdpilot, {} re-armed",
@@ -493,6 +553,13 @@ async fn soak(n: &Night, exe: &Path, root: &Path, dir: &Path) -> Result<()> {
 
     if !verdict.clean() {
         failures.push("records lost, wrong, duplicated or misnumbered".into());
+    }
+    if let Some(f) = &frees {
+        failures.extend(
+            f.failures()
+                .into_iter()
+                .map(|s| format!("leak accounting: {s}")),
+        );
     }
     if text_hits != verdict.written {
         failures.push(format!(
@@ -550,5 +617,77 @@ async fn soak(n: &Night, exe: &Path, root: &Path, dir: &Path) -> Result<()> {
             println!("soak: FAIL: {f}");
         }
         bail!("{} check(s) failed", failures.len())
+    }
+}
+
+/// The leak accounting figures, next to the hits'.
+fn print_frees(f: &frees::FreeVerdict) {
+    println!(
+        "  allocated records: {}; hits with their address learnt: {} of {}, without: {} ({:.2}%, limit {:.0}%; \
+         the simulator stopped at {} of their returns); wrong: {}, written twice: {} the same, {} different",
+        f.allocated,
+        f.learnt,
+        f.hits,
+        f.missing,
+        100.0 * f.missing_share(),
+        100.0 * frees::MISSING_LIMIT,
+        f.missing_returned,
+        f.wrong_address,
+        f.repeated_same,
+        f.repeated_different
+    );
+    println!(
+        "  free records: {} (wrong {}, twice {}); frees expected (truth: a learnt block, stopped at {}): {}, \
+         recorded {}, missing with the link up {}, missing with a link_lost around them {}",
+        f.frees,
+        f.free_wrong,
+        f.free_duplicates,
+        FREE_BREAKPOINT,
+        f.expected,
+        f.recorded,
+        f.missing_link_up,
+        f.missing_link_lost
+    );
+    println!(
+        "  truth frees of learnt blocks that did not stop at {}: {} after the capture ended, {} while attached; \
+         stops there of blocks not learnt: {}",
+        FREE_BREAKPOINT, f.after_end, f.not_stopped, f.unknown_stops
+    );
+    if f.foreign_free_stops > 0 || !f.refusals.is_empty() {
+        println!(
+            "  kdpilot took {} stop(s) at {} for someone else's; the target refused {} breakpoint(s):",
+            f.foreign_free_stops,
+            FREE_BREAKPOINT,
+            f.refusals.len()
+        );
+        for (boot, when, message, lost) in &f.refusals {
+            println!(
+                "    boot {boot}, {when}: \"{message}\"; frees of this boot lost (not recorded with the link up, \
+                 or not stopped while attached): {lost}"
+            );
+        }
+    }
+    let paths: Vec<String> = f
+        .by_path
+        .iter()
+        .map(|(p, o)| {
+            let short = p.strip_prefix("leakydrv!").unwrap_or(p);
+            if o.explained > 0 {
+                format!(
+                    "{short} {} / {} ({} explained)",
+                    o.kdpilot, o.truth, o.explained
+                )
+            } else {
+                format!("{short} {} / {}", o.kdpilot, o.truth)
+            }
+        })
+        .collect();
+    println!(
+        "  outstanding at the end of the boots ({} boots), kdpilot / truth: {}",
+        f.boots,
+        paths.join(", ")
+    );
+    for e in &f.examples {
+        println!("    {e}");
     }
 }

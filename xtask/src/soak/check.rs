@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
-use kdpilot_capture::record::{EventRecord, HitRecord, LogLine};
+use kdpilot_capture::record::{EventRecord, FrameRecord, HitRecord, LogLine};
 use kdpilot_sim::workload::TruthRecord;
 
 /// One stop at the breakpoint, as the simulator made it.
@@ -20,6 +20,8 @@ pub struct TruthHit {
     pub tag: u32,
     pub pool_type: u64,
     pub frames: Vec<String>,
+    /// The allocation's index in the truth.
+    pub record: usize,
 }
 
 /// Every stop of the truth whose innermost frame is `function` (`nt!ExAllocateHeapSpecialPool`),
@@ -27,7 +29,7 @@ pub struct TruthHit {
 pub fn truth_hits(truth: &[TruthRecord], function: &str) -> (Vec<TruthHit>, u64) {
     let mut out = Vec::new();
     let mut repeated = 0;
-    for t in truth {
+    for (record, t) in truth.iter().enumerate() {
         let mut here = 0;
         for s in &t.stops {
             let Some(first) = s.first() else { continue };
@@ -43,6 +45,7 @@ pub fn truth_hits(truth: &[TruthRecord], function: &str) -> (Vec<TruthHit>, u64)
                 tag: t.tag,
                 pool_type: t.pool_type,
                 frames: s.iter().map(ToString::to_string).collect(),
+                record,
             });
         }
         if here > 1 {
@@ -54,7 +57,13 @@ pub fn truth_hits(truth: &[TruthRecord], function: &str) -> (Vec<TruthHit>, u64)
 
 /// A record's frames as `module!function+0xoff`, up to the first frame outside every module.
 fn frames(h: &HitRecord) -> Vec<String> {
-    h.frames
+    call_sites(&h.frames)
+}
+
+/// Frames as `module!function+0xoff`, up to the first frame outside every module (as the
+/// truth writes a stack).
+pub fn call_sites(frames: &[FrameRecord]) -> Vec<String> {
+    frames
         .iter()
         .map(|f| f.call_site())
         .take_while(|s| !s.starts_with("0x"))
@@ -88,6 +97,10 @@ pub struct Verdict {
     pub misnumbered: usize,
     /// Examples, for the report.
     pub examples: Vec<String>,
+    /// Each hit matched to the truth: hit number -> index in the truth hits.
+    pub matched: BTreeMap<u64, usize>,
+    /// kdpilot's boot numbers -> the simulator's, as the first match of each shows them.
+    pub boots: BTreeMap<u64, u64>,
 }
 
 impl Verdict {
@@ -123,6 +136,7 @@ pub fn compare(truth: &[TruthHit], records: &[&HitRecord]) -> Verdict {
         match found {
             Some(k) => {
                 boots.entry(h.boot).or_insert(truth[k].boot);
+                v.matched.insert(h.hit, k);
                 covered[k] = true;
                 next = k + 1;
             }
@@ -153,6 +167,7 @@ pub fn compare(truth: &[TruthHit], records: &[&HitRecord]) -> Verdict {
             }
         }
     }
+    v.boots = boots;
     v.lost = covered.iter().filter(|c| !**c).count();
     if v.lost > 0 {
         let first = covered.iter().position(|c| !c).unwrap_or(0);
@@ -290,7 +305,7 @@ pub fn spread(d: &[Duration]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kdpilot_capture::record::{Arch, FrameRecord};
+    use kdpilot_capture::record::Arch;
 
     fn truth(n: u64) -> TruthHit {
         TruthHit {
@@ -304,6 +319,7 @@ mod tests {
                 "nt!ExAllocateHeapSpecialPool".into(),
                 format!("leakydrv!F{n}+0x1"),
             ],
+            record: n as usize,
         }
     }
 
