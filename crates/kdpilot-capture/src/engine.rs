@@ -285,7 +285,11 @@ impl CaptureError {
     /// True when the link (not the capture) is at fault: reopen it and go on.
     pub fn is_link_trouble(&self) -> bool {
         match self {
-            CaptureError::Kd(e) => e.is_fatal() || matches!(e, KdError::ReplyLost { .. }),
+            // A changed stop that was not handled where it surfaced: reconnecting makes the
+            // kernel report the stop it is in.
+            CaptureError::Kd(e) => {
+                e.is_fatal() || matches!(e, KdError::ReplyLost { .. } | KdError::StopChanged)
+            }
             _ => false,
         }
     }
@@ -941,6 +945,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
         self.stats_now = s.stats().clone();
         let next = match self.handle_stop(&mut s, fresh).await {
             Ok(n) => n,
+            Err(e) if s.take_stop_changed() => return self.stop_changed(s, &e).await,
             Err(e) if e.is_link_trouble() => return Err(e),
             Err(e) => {
                 let _ = self.detach(s, &format!("error: {e}")).await;
@@ -992,12 +997,28 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
         }
     }
 
+    /// The stop being served turned out to be a stale copy (the target is in another one,
+    /// which `s` now holds): what was being done for it is dropped, the new stop handled.
+    async fn stop_changed<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        s: Stopped<S>,
+        e: &dyn std::fmt::Display,
+    ) -> Result<Running<S>, CaptureError> {
+        tracing::warn!(error = %e, "handling the stop the target is in");
+        Box::pin(self.handle_and_resume_inner(s, false)).await
+    }
+
     /// Plants what is missing and resumes.
     async fn go<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         mut s: Stopped<S>,
     ) -> Result<Running<S>, CaptureError> {
-        self.plant(&mut s).await?;
+        if let Err(e) = self.plant(&mut s).await {
+            if s.take_stop_changed() {
+                return self.stop_changed(s, &e).await;
+            }
+            return Err(e);
+        }
         let dr7 = self.dr7_for(&s);
         let r = s.resume(&Continue2::go().with_dr7(dr7)).await?;
         self.in_flight = None;

@@ -238,6 +238,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> KdLink<S> {
                 self.send_control(Packet::resend()).await?;
                 Ok(Absorbed::Nothing)
             }
+            DecodeEvent::Packet(p) if !payload_fits(p.packet_type, &p.payload) => {
+                // A plausible header over a payload that is not of its type: the type took a
+                // bit flip the checksum does not cover (a DbgPrint read as a FILE_IO request,
+                // a print read as a state change). Ask for it again, as for a damaged header.
+                self.stats.frame_errors += 1;
+                tracing::debug!(
+                    id = format_args!("{:#010x}", p.id),
+                    packet_type = p.packet_type,
+                    len = p.payload.len(),
+                    "payload does not fit its packet type (damaged type), asking for a resend"
+                );
+                self.sink.emit(ClientEvent::FrameError(format!(
+                    "payload of {} bytes is not a {}: damaged packet type",
+                    p.payload.len(),
+                    packet_type::name(p.packet_type)
+                )));
+                self.send_control(Packet::resend()).await?;
+                Ok(Absorbed::Nothing)
+            }
             DecodeEvent::Packet(p) => {
                 self.stats.packets_rx += 1;
                 self.send_control(Packet::ack(p.id)).await?;
@@ -430,6 +449,18 @@ enum Absorbed {
 
 /// Whether a data packet's header (not covered by the checksum) is one a target can send:
 /// id 0x80800000 or 0x80800001, with or without the SYNC bit, and a data packet type.
+/// Whether a data packet's payload decodes as its type says: the types the client acts on
+/// (state changes, manipulate replies, prints and prompts, file requests) must.
+fn payload_fits(ptype: u16, payload: &[u8]) -> bool {
+    match ptype {
+        packet_type::KD_STATE_CHANGE64 => crate::state_change::StateChange::parse(payload).is_ok(),
+        packet_type::KD_STATE_MANIPULATE => crate::api::Manipulate::parse(payload).is_ok(),
+        packet_type::KD_DEBUG_IO => crate::debug_io::DebugIo::parse(payload).is_ok(),
+        packet_type::KD_FILE_IO => crate::file_io::FileIo::parse(payload).is_ok(),
+        _ => true,
+    }
+}
+
 fn plausible_data_header(id: u32, ptype: u16) -> bool {
     use crate::wire::consts::{INITIAL_PACKET_ID, SYNC_PACKET_ID};
     let id_ok = (id & !SYNC_PACKET_ID & !1) == INITIAL_PACKET_ID;
@@ -457,7 +488,7 @@ mod header_tests {
     async fn a_damaged_id_is_asked_again_not_acked() {
         let (host, mut target) = tokio::io::duplex(4096);
         let mut link = KdLink::new(host, Timing::default(), EventSink::none());
-        let payload = vec![0x31u8, 0x31, 0, 0, 1, 2, 3, 4];
+        let payload = crate::api::Manipulate::request(0x3130, 0).encode();
         let bad = Packet::data(
             packet_type::KD_STATE_MANIPULATE,
             0x8180_0000,
@@ -486,6 +517,41 @@ mod header_tests {
         assert_eq!(
             sent, expected,
             "RESEND for the damaged id, then the ACK of the good one"
+        );
+    }
+
+    /// A DbgPrint whose packet type took a bit flip (DEBUG_IO 3 read as FILE_IO 11; the header
+    /// is not checksummed) does not decode as a file request: it is asked again with RESEND,
+    /// never ACKed or handed up, and the good copy that follows is delivered. Before, the
+    /// decode error ended the capture (found by `cargo xtask soak`).
+    #[tokio::test]
+    async fn a_payload_that_does_not_fit_its_type_is_asked_again() {
+        let (host, mut target) = tokio::io::duplex(4096);
+        let mut link = KdLink::new(host, Timing::default(), EventSink::none());
+        let print =
+            crate::debug_io::PrintString::new(b"a print of 47 bytes, one short of a FILE_IO...\n")
+                .to_debug_io()
+                .encode();
+        assert_eq!(print.len(), 63);
+        let bad = Packet::data(packet_type::KD_FILE_IO, 0x8080_0000, print.clone()).unwrap();
+        let good = Packet::data(packet_type::KD_DEBUG_IO, 0x8080_0000, print.clone()).unwrap();
+        target.write_all(&bad.encode()).await.unwrap();
+        target.write_all(&good.encode()).await.unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(2);
+        let got = link.recv(deadline).await.unwrap();
+        assert!(
+            matches!(&got, Some(Received::Packet(p)) if p.packet_type == packet_type::KD_DEBUG_IO && p.payload == print),
+            "{got:?}"
+        );
+        assert_eq!(link.stats().frame_errors, 1);
+        drop(link);
+        let mut sent = Vec::new();
+        target.read_to_end(&mut sent).await.unwrap();
+        let mut expected = Packet::resend().encode();
+        expected.extend(Packet::ack(0x8080_0000).encode());
+        assert_eq!(
+            sent, expected,
+            "RESEND for the misfit, then the ACK of the good copy"
         );
     }
 }

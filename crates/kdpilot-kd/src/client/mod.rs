@@ -94,6 +94,12 @@ pub enum KdError {
     /// A reply could not be decoded, or reported failure.
     #[error(transparent)]
     Payload(#[from] crate::PayloadError),
+    /// While a request was being served the target reported another stop, and a RESET
+    /// exchange confirmed it is in that stop now: the stop being served was a stale copy of
+    /// one already continued. The [`Stopped`] now holds the new stop (see
+    /// [`Stopped::take_stop_changed`]); handle it from the start.
+    #[error("the target is in another stop than the one being served (a stale copy of an earlier stop was taken for the current one)")]
+    StopChanged,
 }
 
 impl KdError {

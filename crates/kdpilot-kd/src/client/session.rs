@@ -70,6 +70,8 @@ pub struct Stopped<S> {
     conn: Connection<S>,
     state: StateChange,
     raw: Vec<u8>,
+    /// Set when a request found the target in another stop ([`KdError::StopChanged`]).
+    changed: bool,
 }
 
 /// A running target: it can only report a stop or be broken into.
@@ -185,6 +187,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                                 conn: self,
                                 state,
                                 raw: p.payload,
+                                changed: false,
                             };
                             stopped.refresh_version().await?;
                             return Ok(stopped);
@@ -326,8 +329,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stopped<S> {
                         )
                 })
         };
+        // The RESET that asked for the current stop already resynchronised both ends.
+        let mut in_step = false;
         for attempt in 0..=timing.retries.min(4) {
-            if attempt > 0 && !self.resync().await? {
+            if attempt > 0 && !std::mem::take(&mut in_step) && !self.resync().await? {
                 continue;
             }
             self.conn.link.take_damaged_id();
@@ -383,12 +388,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stopped<S> {
                             }
                         }
                         packet_type::KD_STATE_CHANGE64 => {
-                            if p.payload != self.raw {
-                                return Err(KdError::Protocol(
-                                    "the target reported a new stop while serving a request".into(),
-                                ));
+                            if p.payload == self.raw {
+                                // The same stop again, resent after a RESET: already handled.
+                                continue;
                             }
-                            // The same stop again, resent after a RESET: already handled.
+                            // Another stop: either a stale copy of one we already continued
+                            // (still on the line, or resent for a RESEND of ours), or the
+                            // target really moved on and the stop being served was such a
+                            // copy. Only the target knows: a RESET makes it send the stop it
+                            // is in.
+                            match self.current_stop().await? {
+                                Some(now) if now == self.raw => {
+                                    tracing::debug!(
+                                        api = api::number::name(A::NUMBER),
+                                        "a stale copy of an earlier stop: ignored, asking again"
+                                    );
+                                    in_step = true;
+                                    break;
+                                }
+                                Some(now) => {
+                                    let state = StateChange::parse(&now)?;
+                                    tracing::warn!(
+                                        was = format_args!("{:#x}", self.state.program_counter),
+                                        now = format_args!("{:#x}", state.program_counter),
+                                        cpu = state.processor,
+                                        "the stop being served was a stale copy: the target is in another stop"
+                                    );
+                                    self.state = state;
+                                    self.raw = now;
+                                    self.changed = true;
+                                    return Err(KdError::StopChanged);
+                                }
+                                None => {
+                                    return Err(KdError::Protocol(
+                                        "the target reported a new stop while serving a request, and did not say which stop it is in after a RESET".into(),
+                                    ))
+                                }
+                            }
                         }
                         _ => unsolicited::handle(&mut self.conn.link, &self.conn.config, p).await?,
                     },
@@ -398,6 +434,53 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stopped<S> {
         Err(KdError::Timeout {
             what: format!("the reply to {}", api::number::name(A::NUMBER)),
         })
+    }
+
+    /// The stop the target is in, asked with a RESET: a kernel waiting for a request answers
+    /// with its own RESET and then sends its state change again (kd-protocol.md 1.5). A
+    /// kernel that was sending a reply resends the reply instead; it waits for requests
+    /// after that, so the RESET goes again (three rounds at most). `None` when no state
+    /// change came.
+    async fn current_stop(&mut self) -> Result<Option<Vec<u8>>, KdError> {
+        let t = self.conn.link.timing().clone();
+        for _ in 0..3 {
+            self.conn
+                .link
+                .send_control(crate::wire::Packet::reset())
+                .await?;
+            let deadline = Instant::now() + t.ack_wait(16) + t.reply_wait(16, 1024);
+            let mut answered = false;
+            while let Some(rx) = self.conn.link.recv(deadline).await? {
+                match rx {
+                    Received::Reset => {
+                        answered = true;
+                        self.conn.config.sink.emit(ClientEvent::Resynchronised);
+                    }
+                    Received::Packet(p) if p.packet_type == packet_type::KD_STATE_CHANGE64 => {
+                        if answered {
+                            return Ok(Some(p.payload));
+                        }
+                    }
+                    Received::Packet(p) if p.packet_type == packet_type::KD_STATE_MANIPULATE => {
+                        tracing::debug!("a reply resent after the RESET: asking again");
+                        if answered {
+                            break;
+                        }
+                    }
+                    Received::Packet(p) => {
+                        unsolicited::handle(&mut self.conn.link, &self.conn.config, p).await?
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// True once after a request found the target in another stop than the one this value
+    /// was serving ([`KdError::StopChanged`]): [`Stopped::state`] is the new stop now, and
+    /// whatever the caller was doing for the old one is moot.
+    pub fn take_stop_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
     }
 
     /// RESET exchange with a stopped target: true once the target answered with its RESET
@@ -726,6 +809,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Running<S> {
                         conn: self.conn,
                         state,
                         raw: p.payload,
+                        changed: false,
                     }));
                 }
                 Received::Packet(p) => {
