@@ -1436,11 +1436,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                         }
                         b.old_hit_tag = old;
                     }
-                    s.request(&api::WriteVirtualMemory {
-                        address: *address,
-                        data: self.options.tag.to_le_bytes().to_vec(),
-                    })
-                    .await?;
+                    write_u32(s, *address, self.options.tag).await?;
                     b.hit_tag_written = true;
                 }
             }
@@ -1484,7 +1480,9 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                         b.free_bp = None;
                     }
                     (self.emit)(&CaptureEvent::Warning(format!(
-                        "the target refused a breakpoint at {address:#x}: {}",
+                        "the target refused a breakpoint at {address:#x}: {}. The kernel's table \
+                         holds 32 breakpoints: if another debugger planted some, remove them (bc *) \
+                         or capture without --track-frees",
                         if lost.is_empty() {
                             "frees are not followed in this boot".to_string()
                         } else {
@@ -1997,11 +1995,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             b.announced = false;
         } else {
             let old = old.unwrap_or(0);
-            s.request(&api::WriteVirtualMemory {
-                address,
-                data: old.to_le_bytes().to_vec(),
-            })
-            .await?;
+            write_u32(s, address, old).await?;
         }
         let record = EventRecord::SpecialPoolExhausted {
             time: SystemTime::now(),
@@ -2058,11 +2052,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
         if start {
             let old = s.read_virtual(address, 4).await?;
             let old = <[u8; 4]>::try_from(old.as_slice()).map_or(0, u32::from_le_bytes);
-            s.request(&api::WriteVirtualMemory {
-                address,
-                data: tag.to_le_bytes().to_vec(),
-            })
-            .await?;
+            write_u32(s, address, tag).await?;
             b.special.probe_old = Some(if old == tag { 0 } else { old });
             b.special.probe_until = Some(Instant::now() + window);
             b.special.probed = true;
@@ -2073,11 +2063,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             )));
         } else {
             let old = b.special.probe_old.take().unwrap_or(0);
-            s.request(&api::WriteVirtualMemory {
-                address,
-                data: old.to_le_bytes().to_vec(),
-            })
-            .await?;
+            write_u32(s, address, old).await?;
             b.special.probe_until = None;
             (self.emit)(&CaptureEvent::Warning(format!(
                 "the tag was not allocated while nt!PoolHitTag was watched ({} s): special pool is not exhausted, \
@@ -2254,13 +2240,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
                 b.modules.resolve("nt!PoolHitTag"),
             ) {
                 b.special.probe_until = None;
-                if let Err(e) = s
-                    .request(&api::WriteVirtualMemory {
-                        address,
-                        data: old.to_le_bytes().to_vec(),
-                    })
-                    .await
-                {
+                if let Err(e) = write_u32(&mut s, address, old).await {
                     clean = false;
                     (self.emit)(&CaptureEvent::Warning(format!(
                         "could not restore nt!PoolHitTag to {old:#010x} after the exhaustion probe: {e}"
@@ -2269,13 +2249,7 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
             }
             if let (Some(Plan::PoolHitTag { address, .. }), true) = (&b.plan, b.hit_tag_written) {
                 let old = b.old_hit_tag.unwrap_or(0);
-                match s
-                    .request(&api::WriteVirtualMemory {
-                        address: *address,
-                        data: old.to_le_bytes().to_vec(),
-                    })
-                    .await
-                {
+                match write_u32(&mut s, *address, old).await {
                     Ok(_) => b.hit_tag_written = false,
                     Err(e) => {
                         clean = false;
@@ -2351,6 +2325,20 @@ fn read_failed(what: &str, e: &dyn std::error::Error) -> CaptureError {
         source = s.source();
     }
     CaptureError::Kd(KdError::LinkLost(format!("reading {what}: {detail}")))
+}
+
+/// Writes a u32 to target memory (nt!PoolHitTag: set, restored, probed).
+async fn write_u32<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut Stopped<S>,
+    address: u64,
+    value: u32,
+) -> Result<(), KdError> {
+    s.request(&api::WriteVirtualMemory {
+        address,
+        data: value.to_le_bytes().to_vec(),
+    })
+    .await
+    .map(drop)
 }
 
 /// Puts `address` in KernelDr0 of every processor (control space: AMD64 KSPECIAL_REGISTERS,
