@@ -482,12 +482,33 @@ mod header_tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// The target writes `bad`, then `good`; the link must hand up `good` only, after asking
+    /// for `bad` again: returns what it handed up, and checks what it wrote (RESEND, then the
+    /// ACK of `good`).
+    async fn bad_then_good(bad: Packet, good: Packet) -> (Option<Received>, LinkStats) {
+        let (host, mut target) = tokio::io::duplex(4096);
+        let mut link = KdLink::new(host, Timing::default(), EventSink::none());
+        target.write_all(&bad.encode()).await.unwrap();
+        target.write_all(&good.encode()).await.unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(2);
+        let got = link.recv(deadline).await.unwrap();
+        let stats = link.stats().clone();
+        drop(link);
+        let mut sent = Vec::new();
+        target.read_to_end(&mut sent).await.unwrap();
+        let mut expected = Packet::resend().encode();
+        expected.extend(Packet::ack(good.id).encode());
+        assert_eq!(
+            sent, expected,
+            "RESEND for the bad packet, then the ACK of the good one"
+        );
+        (got, stats)
+    }
+
     /// A reply whose id took a bit flip (the checksum does not cover it) is asked again with
     /// RESEND, never ACKed; the good copy that follows is ACKed and delivered.
     #[tokio::test]
     async fn a_damaged_id_is_asked_again_not_acked() {
-        let (host, mut target) = tokio::io::duplex(4096);
-        let mut link = KdLink::new(host, Timing::default(), EventSink::none());
         let payload = crate::api::Manipulate::request(0x3130, 0).encode();
         let bad = Packet::data(
             packet_type::KD_STATE_MANIPULATE,
@@ -501,22 +522,10 @@ mod header_tests {
             payload.clone(),
         )
         .unwrap();
-        target.write_all(&bad.encode()).await.unwrap();
-        target.write_all(&good.encode()).await.unwrap();
-        let deadline = Instant::now() + std::time::Duration::from_secs(2);
-        let got = link.recv(deadline).await.unwrap();
+        let (got, _) = bad_then_good(bad, good).await;
         assert!(
             matches!(&got, Some(Received::Packet(p)) if p.id == 0x8080_0000 && p.payload == payload),
             "{got:?}"
-        );
-        drop(link);
-        let mut sent = Vec::new();
-        target.read_to_end(&mut sent).await.unwrap();
-        let mut expected = Packet::resend().encode();
-        expected.extend(Packet::ack(0x8080_0000).encode());
-        assert_eq!(
-            sent, expected,
-            "RESEND for the damaged id, then the ACK of the good one"
         );
     }
 
@@ -526,8 +535,6 @@ mod header_tests {
     /// decode error ended the capture (found by `cargo xtask soak`).
     #[tokio::test]
     async fn a_payload_that_does_not_fit_its_type_is_asked_again() {
-        let (host, mut target) = tokio::io::duplex(4096);
-        let mut link = KdLink::new(host, Timing::default(), EventSink::none());
         let print =
             crate::debug_io::PrintString::new(b"a print of 47 bytes, one short of a FILE_IO...\n")
                 .to_debug_io()
@@ -535,23 +542,11 @@ mod header_tests {
         assert_eq!(print.len(), 63);
         let bad = Packet::data(packet_type::KD_FILE_IO, 0x8080_0000, print.clone()).unwrap();
         let good = Packet::data(packet_type::KD_DEBUG_IO, 0x8080_0000, print.clone()).unwrap();
-        target.write_all(&bad.encode()).await.unwrap();
-        target.write_all(&good.encode()).await.unwrap();
-        let deadline = Instant::now() + std::time::Duration::from_secs(2);
-        let got = link.recv(deadline).await.unwrap();
+        let (got, stats) = bad_then_good(bad, good).await;
         assert!(
             matches!(&got, Some(Received::Packet(p)) if p.packet_type == packet_type::KD_DEBUG_IO && p.payload == print),
             "{got:?}"
         );
-        assert_eq!(link.stats().frame_errors, 1);
-        drop(link);
-        let mut sent = Vec::new();
-        target.read_to_end(&mut sent).await.unwrap();
-        let mut expected = Packet::resend().encode();
-        expected.extend(Packet::ack(0x8080_0000).encode());
-        assert_eq!(
-            sent, expected,
-            "RESEND for the misfit, then the ACK of the good copy"
-        );
+        assert_eq!(stats.frame_errors, 1);
     }
 }
