@@ -40,6 +40,9 @@ static OLD_STOPS_INJECTED: std::sync::atomic::AtomicU32 = std::sync::atomic::Ato
 enum Mode {
     /// Flip bit 6 of the packet type of every `n`-th Continue2 (host side).
     ContinueType { every: u32 },
+    /// Flip bit 3 of the byte count's high byte of every `n`-th Continue2 (host side): the
+    /// target reads 2 KiB more than the packet has, swallowing what the host sends next.
+    ContinueLength { every: u32 },
     /// Compensating damage in every `n`-th GetContextEx reply, and an ordinary checksum error
     /// in every 40th packet so the line counts as noisy (target side).
     ContextSum { every: u32 },
@@ -87,6 +90,13 @@ impl<S> Damage<S> {
                     return None;
                 }
                 out[4] ^= 0x40;
+            }
+            Mode::ContinueLength { every } if ptype == 2 && api == CONTINUE2 => {
+                self.seen += 1;
+                if self.seen % every != 0 {
+                    return None;
+                }
+                out[7] ^= 0x08;
             }
             Mode::ContextSum { every } if ptype == 2 && api == GET_CONTEXT_EX => {
                 self.seen += 1;
@@ -259,7 +269,13 @@ async fn capture(
     drop(capture);
     let (machine, activity, damaged) = sim.await.unwrap();
     assert_eq!(n, hits, "the capture reached its hits");
-    assert!(machine.running && machine.planted().is_empty());
+    assert!(
+        machine.running && machine.planted().is_empty(),
+        "left running with nothing planted: running {}, planted {:x?}, phase {:?}",
+        machine.running,
+        machine.planted(),
+        machine.phase
+    );
     let records: Vec<HitRecord> = events
         .iter()
         .filter_map(|e| match e {
@@ -316,6 +332,29 @@ async fn a_continue_the_target_acked_and_dropped_is_sent_again() {
         );
         // About 8 lost continues, found after 2 s of silence each (not 30 s, not never).
         assert!(took < Duration::from_secs(45), "{took:?}");
+    })
+    .await;
+}
+
+/// A continue whose byte count took a bit flip: the target reads on as payload only while
+/// the line keeps coming (its per-byte timeout), so the host's next silence RESET finds it
+/// still in the stop, and the continue goes again. Before the simulator had the timeout, this
+/// stalled until the link was cut (47 s in `cargo xtask soak`).
+#[tokio::test]
+async fn a_continue_with_a_damaged_length_is_sent_again() {
+    bounded(async {
+        let (records, truth, warnings, took, _) =
+            capture(Some(Mode::ContinueLength { every: 3 }), None, 12).await;
+        eprintln!(
+            "12 hits with every third continue's length damaged: {took:?}; warnings {warnings:?}"
+        );
+        assert_eq!(records.len(), truth.len(), "no stop left unrecorded");
+        assert_eq!(
+            stacks(&records),
+            truth,
+            "every hit once, equal to the truth"
+        );
+        assert!(took < Duration::from_secs(60), "{took:?}");
     })
     .await;
 }

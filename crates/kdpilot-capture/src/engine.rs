@@ -2278,12 +2278,14 @@ impl<F: FnMut(&CaptureEvent)> Capture<F> {
         // machine would wait forever. Resume such stops until the line stays quiet.
         // On a damaged line a stop can take seconds to come through, and a break-in byte sent
         // twice (the first stop's report arrived damaged) breaks in again after the resume.
-        let quiet = if self.stats().frame_errors > 0 {
-            Duration::from_secs(4)
-        } else {
-            Duration::from_secs(1)
-        };
+        // A continue that was never acknowledged may not have arrived: the silence RESET that
+        // finds out goes after 2 s, so wait past it.
         for _ in 0..8 {
+            let quiet = if self.stats().frame_errors > 0 || running.continue_unconfirmed() {
+                Duration::from_secs(4)
+            } else {
+                Duration::from_secs(1)
+            };
             match running.wait_stop(quiet).await? {
                 WaitOutcome::StillRunning(_) => break,
                 WaitOutcome::Stopped(s) => {

@@ -46,6 +46,11 @@ pub struct TargetLinkConfig {
     pub ack_timeout: Duration,
     /// Resends before giving up on a packet (KdpDefaultRetries = 20).
     pub retries: u32,
+    /// How long the line may pause inside a packet before the partial packet is dropped
+    /// (kdcom's per-byte read timeout, "about 1 s", kd-protocol.md 1.4). Without it a host
+    /// packet whose byte count took a bit flip would swallow everything the host sends next,
+    /// RESETs included, until the inflated count is reached.
+    pub byte_timeout: Duration,
 }
 
 impl Default for TargetLinkConfig {
@@ -54,6 +59,7 @@ impl Default for TargetLinkConfig {
             reset_reply_id: 0x0005_f863,
             ack_timeout: Duration::from_millis(200),
             retries: 20,
+            byte_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -102,7 +108,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TargetLink<S> {
             if let Some(ev) = self.pending.pop_front() {
                 return Ok(Some(ev));
             }
-            match tokio::time::timeout_at(deadline, self.io.read(&mut self.buf)).await {
+            // Inside a packet the line may pause only for the per-byte timeout.
+            let limit = if self.decoder.is_idle() {
+                deadline
+            } else {
+                deadline.min(tokio::time::Instant::now() + self.config.byte_timeout)
+            };
+            match tokio::time::timeout_at(limit, self.io.read(&mut self.buf)).await {
                 Ok(Ok(0)) => return Err(LinkError::Closed("end of stream".into())),
                 Ok(Ok(n)) => {
                     let mut out = Vec::new();
@@ -116,7 +128,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TargetLink<S> {
                         self.pending.push_back(ev);
                         continue;
                     }
-                    return Ok(None);
+                    if tokio::time::Instant::now() >= deadline {
+                        return Ok(None);
+                    }
                 }
             }
         }

@@ -616,3 +616,56 @@ async fn the_module_list_walks_at_the_sheets_offsets() {
     })
     .await;
 }
+
+/// A host packet whose byte count took a bit flip (the header is not checksummed): the kernel
+/// reads on as payload only while bytes keep coming (its per-byte timeout, kd-protocol.md
+/// 1.4). After a pause it drops the partial packet, and the RESET that follows is answered.
+/// Before, the simulator swallowed every later byte, RESETs included, until the inflated
+/// count was reached: a 47 s stall in `cargo xtask soak`.
+#[tokio::test]
+async fn a_packet_longer_than_what_follows_is_dropped_after_the_per_byte_timeout() {
+    use tokio::io::AsyncWriteExt;
+    bounded(async {
+        let m = Machine::new(Arch::Amd64, 19041, 1, 0xfffff806_1f200000);
+        let options = TargetOptions {
+            start_stopped: true,
+            ..TargetOptions::default()
+        };
+        let (io, sim) = start(m, options);
+        let mut raw = RawHost::new(io);
+        raw.data(packet_type::KD_STATE_CHANGE64).await;
+        let p = kdpilot_kd::wire::Packet::data(
+            packet_type::KD_STATE_MANIPULATE,
+            raw.next_id,
+            manipulate(api::number::GET_VERSION, 0),
+        )
+        .unwrap();
+        let mut bytes = p.encode();
+        bytes[7] ^= 0x08; // the byte count's high byte: 56 -> 2104
+        raw.io.write_all(&bytes).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let asked = Instant::now();
+        raw.reset().await;
+        assert!(
+            asked.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            asked.elapsed()
+        );
+        // The kernel serves requests again.
+        raw.send(
+            packet_type::KD_STATE_MANIPULATE,
+            manipulate(api::number::GET_VERSION, 0),
+        )
+        .await;
+        let v =
+            Manipulate::parse(&raw.data(packet_type::KD_STATE_MANIPULATE).await.payload).unwrap();
+        assert_eq!(v.api, api::number::GET_VERSION);
+        let cont = Continue2::go().encode_request(Arch::Amd64);
+        raw.send(packet_type::KD_STATE_MANIPULATE, cont.encode())
+            .await;
+        drop(raw);
+        let (_, m) = sim.task.await.unwrap();
+        assert!(m.running);
+    })
+    .await;
+}

@@ -336,7 +336,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> KdLink<S> {
             let bytes = packet.encode();
             self.write_all(&bytes).await?;
             self.last_sent = Some(packet.clone());
-            let deadline = Instant::now() + self.timing.ack_wait(bytes.len());
+            let mut deadline = Instant::now() + self.timing.ack_wait(bytes.len());
+            if attempts % 4 == 3 {
+                // Copies that keep going unanswered may be read as the payload of an earlier
+                // copy whose byte count took a bit flip (the header is not checksummed): the
+                // target reads on while bytes keep coming. A silence longer than its per-byte
+                // timeout makes it drop that partial packet, so the next copy is read as one.
+                deadline += TARGET_BYTE_TIMEOUT;
+            }
             loop {
                 let Some(ev) = self.next_event(deadline).await? else {
                     tracing::debug!(attempt = attempts, "no ACK in time, retransmitting");
@@ -428,6 +435,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> KdLink<S> {
         Ok(())
     }
 }
+
+/// The target's per-byte read timeout with some margin (kd-protocol.md 1.4: "about 1 s"):
+/// after this much silence a target drops a partial packet.
+const TARGET_BYTE_TIMEOUT: Duration = Duration::from_millis(1200);
 
 /// What [`KdLink::recv`] yields.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -93,6 +93,9 @@ pub struct Running<S> {
     /// A break-in byte went out since the continue: a stop that looks like `last_stop` may be
     /// a new one (a break-in lands where the last one did).
     broke_in: bool,
+    /// The last continue got no ACK: the target is taken as running, but may still be in its
+    /// stop until a silence RESET finds out ([`Running::continue_unconfirmed`]).
+    unconfirmed: bool,
 }
 
 /// Silence after a continue that makes the host ask whether the target really runs, at first;
@@ -657,8 +660,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stopped<S> {
 
     async fn resume_with(mut self, mut m: Manipulate) -> Result<Running<S>, KdError> {
         m.processor = self.state.processor;
-        send_continue(&mut self.conn, &m, &self.raw).await?;
+        let acked = send_continue(&mut self.conn, &m, &self.raw).await?;
         Ok(Running {
+            unconfirmed: !acked,
             conn: self.conn,
             last_stop: Some(self.raw),
             last_continue: Some(m),
@@ -686,6 +690,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stopped<S> {
             continues_resent: 0,
             probed: false,
             broke_in: false,
+            unconfirmed: false,
         })
     }
 }
@@ -703,19 +708,19 @@ async fn send_continue<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     m: &Manipulate,
     stop: &[u8],
-) -> Result<(), KdError> {
+) -> Result<bool, KdError> {
     let result = match conn
         .link
         .send(packet_type::KD_STATE_MANIPULATE, m.encode(), None)
         .await
     {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(true),
         Err(KdError::Timeout { .. }) => {
             tracing::warn!("no ACK for the continue: assuming the target runs");
             conn.config.sink.emit(ClientEvent::FrameError(
                 "continue not acknowledged; assuming the target runs".into(),
             ));
-            Ok(())
+            Ok(false)
         }
         Err(e) => Err(e),
     };
@@ -732,6 +737,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Running<S> {
     /// Link counters.
     pub fn stats(&self) -> &LinkStats {
         self.conn.link.stats()
+    }
+
+    /// True when the last continue was never acknowledged and nothing has been heard since:
+    /// the target may still be in its stop, which [`Running::wait_stop`] finds out after 2 s
+    /// of silence. A caller about to leave the target should wait that long.
+    pub fn continue_unconfirmed(&self) -> bool {
+        self.unconfirmed
     }
 
     /// Waits up to `timeout` for the target to report a stop, handling prints, prompts and file
@@ -771,6 +783,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Running<S> {
                 continue;
             };
             self.quiet_since = Instant::now();
+            self.unconfirmed = false;
             let probed = std::mem::take(&mut self.probed);
             match rx {
                 Received::Reset => {
@@ -791,7 +804,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Running<S> {
                             self.conn.config.sink.emit(ClientEvent::FrameError(
                                 "a continue was lost on the line; sent again".into(),
                             ));
-                            send_continue(&mut self.conn, &m, &p.payload).await?;
+                            self.unconfirmed =
+                                !send_continue(&mut self.conn, &m, &p.payload).await?;
                             self.probe_after = PROBE_FIRST;
                             continue;
                         }
