@@ -714,3 +714,36 @@ async fn the_demo_hunts_a_leak_end_to_end() {
     assert!(!events(&all, "free").is_empty());
     assert!(!events(&all, "allocated").is_empty());
 }
+
+/// Hits seconds apart on a clean line: every stop once. The same breakpoint hit again by the
+/// same thread on the same processor is byte for byte the stop before it; before the fix, a
+/// silence RESET that the running target ignored made kdpilot take such a hit for the old stop
+/// resent ("the continue was lost") and resume it unrecorded (found by an audit: 3 of 15 lost
+/// at 0.4 allocations a second).
+#[tokio::test]
+async fn slow_hits_on_a_clean_line_are_all_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("slow.log");
+    let json = dir.path().join("slow.jsonl");
+    let (machine, activity) = machine("modern", 61, 0.4);
+    let (target, task) = tcp_target(machine, activity, 1).await;
+    let out = tokio::time::timeout(
+        LIMIT,
+        capture_cmd(&target, "modern", &log, &["--max-hits", "10", "--quiet"]).output(),
+    )
+    .await
+    .expect("capture finished in time")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let (machine, activity) = task.await.unwrap();
+    check_clean(&machine);
+    let got = hit_stacks(&lines(&json));
+    let truth = truth(&activity, "ExAllocateHeapSpecialPool");
+    assert_eq!(got.len(), 10, "{stderr}");
+    assert_eq!(got, truth[..got.len()], "every stop once, in order");
+    assert!(
+        !stderr.contains("continue was lost"),
+        "no continue is lost on a clean line: {stderr}"
+    );
+}

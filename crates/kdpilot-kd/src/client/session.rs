@@ -90,6 +90,11 @@ pub struct Running<S> {
     continues_resent: u32,
     /// A RESET went out because of silence, and nothing was heard since.
     probed: bool,
+    /// The target answered that RESET with its own: it is stopped (a running kernel only
+    /// polls for the break-in byte and never answers). Only then can a stop that repeats the
+    /// one we continued from be that stop resent: the same breakpoint hit again by the same
+    /// thread on the same processor is byte for byte the same state change.
+    answered: bool,
     /// A break-in byte went out since the continue: a stop that looks like `last_stop` may be
     /// a new one (a break-in lands where the last one did).
     broke_in: bool,
@@ -670,6 +675,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stopped<S> {
             probe_after: PROBE_FIRST,
             continues_resent: 0,
             probed: false,
+            answered: false,
             broke_in: false,
         })
     }
@@ -689,6 +695,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stopped<S> {
             probe_after: PROBE_FIRST,
             continues_resent: 0,
             probed: false,
+            answered: false,
             broke_in: false,
             unconfirmed: false,
         })
@@ -785,16 +792,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Running<S> {
             self.quiet_since = Instant::now();
             self.unconfirmed = false;
             let probed = std::mem::take(&mut self.probed);
+            let answered = std::mem::take(&mut self.answered);
             match rx {
                 Received::Reset => {
-                    // The target's answer to our RESET: its stop, if any, comes next.
-                    self.probed = probed;
+                    // The target's answer to our RESET: it is stopped, and its stop comes next.
+                    self.answered = probed;
                     self.conn.config.sink.emit(ClientEvent::Resynchronised)
                 }
                 Received::Packet(p) if p.packet_type == packet_type::KD_STATE_CHANGE64 => {
                     let state = StateChange::parse(&p.payload)?;
                     let repeat = self.last_stop.as_deref() == Some(&p.payload[..]);
-                    if repeat && probed && !self.broke_in && self.continues_resent < 3 {
+                    if repeat && answered && !self.broke_in && self.continues_resent < 3 {
                         if let Some(m) = self.last_continue.clone() {
                             self.continues_resent += 1;
                             tracing::warn!(
