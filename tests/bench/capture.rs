@@ -92,6 +92,8 @@ struct Run {
     /// The leak-hunt workload (most allocations freed), no reboots; with `--track-frees` when
     /// true.
     frees: Option<bool>,
+    /// Only the driver's deepest path (10-frame x64 stacks at the allocator).
+    deep: bool,
     /// Total line bytes (both ways) at each hit.
     hit_bytes: Vec<u64>,
     costs: Vec<HitCost>,
@@ -107,13 +109,15 @@ fn lower_bound(c: &HitCost) -> (u64, u64) {
     kdpilot_capture::cost::lower_bound(c, Arch::Amd64)
 }
 
-async fn run(baud: u32, hardware: bool, hits: u64, frees: Option<bool>) -> Run {
+async fn run(baud: u32, hardware: bool, hits: u64, frees: Option<bool>, deep: bool) -> Run {
     let dir = fixtures();
     let mut config = MachineConfig::from_dir(Arch::Amd64, 19041, 2, 7, &dir).expect("fixtures");
     config.special_pool_tag = LEAK;
     let mut machine = Machine::boot(config).expect("boot");
     let specs = if frees.is_some() {
         AllocationActivity::leak_hunt_specs(LEAK)
+    } else if deep {
+        vec![AllocationActivity::deep_spec(LEAK)]
     } else {
         AllocationActivity::leakydrv_specs(LEAK)
     };
@@ -234,6 +238,7 @@ async fn run(baud: u32, hardware: bool, hits: u64, frees: Option<bool>) -> Run {
         baud,
         hardware,
         frees,
+        deep,
         hit_bytes,
         costs,
         hit_times,
@@ -314,12 +319,24 @@ fn report(r: &Run) {
         0.0
     };
     println!(
-        "\n## {} baud, {} breakpoint, {} hits, {:.0} s",
+        "\n## {} baud, {} breakpoint, {}{} hits, {:.0} s",
         r.baud,
         if r.hardware { "hardware" } else { "int3" },
+        if r.deep {
+            "the driver's deepest path only (LeakyAllocDeep), "
+        } else {
+            ""
+        },
         r.costs.len(),
         r.wall
     );
+    if r.deep {
+        let fewest = r.costs.iter().map(|c| c.frames).min().unwrap_or(0);
+        assert!(
+            fewest >= 10,
+            "the deep path's stacks have 10 frames or more: {fewest}"
+        );
+    }
     println!(
         "per hit: {tx:.0} B host->target, {rx:.0} B target->host ({:.0} B), {:.1} packets out, {:.1} in, \
          {:.1} frames, stack {:.0} B touched / {:.0} B read, registers {:.0} B",
@@ -497,13 +514,18 @@ async fn main() {
             if quick && baud == 115_200 && !hardware {
                 continue;
             }
-            runs.push(run(baud, hardware, hits, None).await);
+            runs.push(run(baud, hardware, hits, None, false).await);
             report(runs.last().expect("run"));
         }
     }
+    // The goal is stated for 10-frame x64 hits at 19200 baud: the driver's deepest path.
+    for hardware in [true, false] {
+        runs.push(run(19200, hardware, hits, None, true).await);
+        report(runs.last().expect("run"));
+    }
     // What --track-frees adds, on a workload that frees most of what it allocates.
     for track in [false, true] {
-        runs.push(run(19200, true, hits, Some(track)).await);
+        runs.push(run(19200, true, hits, Some(track), false).await);
         report(runs.last().expect("run"));
     }
     if let Some(secs) = value("--idle").and_then(|v| v.parse().ok()) {

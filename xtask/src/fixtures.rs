@@ -495,10 +495,11 @@ fn plan() -> Plan {
         ));
 
         let d = format!("obj/{a}/leakydrv");
-        let units: [(&str, Vec<&str>); 3] = [
+        let units: [(&str, Vec<&str>); 4] = [
             ("leakydrv.c", cflags(&[arch.frame_cflags])),
             ("leakyfpo.c", cflags(&[arch.fpo_cflags])),
             (&format!("{}/msvcstyle.S", arch.asm_dir), Vec::new()),
+            ("leakydeep.c", cflags(&[arch.frame_cflags])),
         ];
         let mut objects = Vec::new();
         for (source, flags) in &units {

@@ -61,6 +61,17 @@ impl KernelView for View<'_> {
     }
 }
 
+/// The leaky driver's deepest call path, DriverEntry to the function that allocates.
+pub const DEEP_PATH: [&str; 7] = [
+    "nt!KiCallDriverEntry",
+    "leakydrv!DriverEntry",
+    "leakydrv!LeakyDeepDispatch",
+    "leakydrv!LeakyDeepSubmit",
+    "leakydrv!LeakyDeepQueue",
+    "leakydrv!LeakyDeepBuild",
+    "leakydrv!LeakyAllocDeep",
+];
+
 /// Allocations at a steady rate, each walking its path and stopping where the debugger says.
 #[derive(Debug)]
 pub struct AllocationActivity {
@@ -145,6 +156,22 @@ impl AllocationActivity {
                 Some(FreeApi::Pool),
             ),
         ]
+    }
+
+    /// The fixture driver's deepest path: `leakydrv!LeakyAllocDeep`, five calls below
+    /// DriverEntry, leaking `tag` through ExAllocatePoolWithTag ([`DEEP_PATH`]). At the
+    /// special-pool allocator its x64 stack has 10 frames (the depth the performance goal is
+    /// stated for).
+    pub fn deep_spec(tag: u32) -> AllocationSpec {
+        AllocationSpec {
+            path: DEEP_PATH.iter().map(|s| s.to_string()).collect(),
+            api: AllocApi::PoolWithTag,
+            tag,
+            size: 0x60,
+            pool_type: 0x200,
+            weight: 1,
+            free: None,
+        }
     }
 
     /// A leak hunt: most allocations of `tag` are freed (`leakydrv!LeakyFreeBalanced`, heavy)

@@ -195,6 +195,10 @@ fn driver_paths() -> Vec<(Vec<&'static str>, AllocApi)> {
             AllocApi::PoolWithTag,
         ),
         (with("leakydrv!LeakyAllocViaPool2"), AllocApi::Pool2),
+        (
+            kdpilot_sim::activity::DEEP_PATH.to_vec(),
+            AllocApi::PoolWithTag,
+        ),
     ]
 }
 
