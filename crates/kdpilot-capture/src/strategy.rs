@@ -192,7 +192,16 @@ fn working(modules: &ModuleSet) -> String {
         ok.push("--strategy breakpoint=nt!ExAllocatePoolWithTag (stops the machine on every allocation: slow over serial)");
     }
     if ok.is_empty() {
-        "No pool function resolves: the kernel has no symbols; check --symbols (srv*CACHE*https://msdl.microsoft.com/download/symbols)".to_string()
+        let fix = "give --symbols or set _NT_SYMBOL_PATH, e.g. \
+                   srv*C:\\symbols*https://msdl.microsoft.com/download/symbols";
+        match modules.modules().iter().find(|m| m.name == "nt").map(|m| &m.symbol_status) {
+            Some(kdpilot_symbols::SymbolStatus::Deferred) | None => format!(
+                "No pool function resolves: kdpilot had no symbol path to look in; {fix}"
+            ),
+            Some(status) => format!(
+                "No pool function resolves: the kernel has {status}; {fix} (a store or server that has that PDB)"
+            ),
+        }
     } else {
         format!("Strategies that would work: {}", ok.join(", "))
     }

@@ -83,6 +83,21 @@ fn missing_symbols_name_what_would_work() {
     let bare = kernel("x64", "modern", false);
     let err = plan(&StrategyChoice::Auto, &bare).unwrap_err().to_string();
     assert!(err.contains("--symbols"), "{err}");
+    assert!(err.contains("no symbol path"), "{err}");
+    // Looked for and not found: the reason (the PDB's name and identity, the path tried) is
+    // in the message, not only "no symbols".
+    let mut missing = kernel("x64", "modern", false);
+    missing.modules_mut()[0].symbol_status = kdpilot_symbols::SymbolStatus::NotFound(
+        "ntkrnlmp.pdb 8794B7A4B563990E4C4C44205044422E 1 not in /nowhere".into(),
+    );
+    let err = plan(&StrategyChoice::Auto, &missing)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("8794B7A4B563990E4C4C44205044422E 1 not in /nowhere"),
+        "{err}"
+    );
+    assert!(err.contains("_NT_SYMBOL_PATH"), "{err}");
 }
 
 #[test]

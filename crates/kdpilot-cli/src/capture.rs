@@ -372,6 +372,7 @@ pub async fn run(args: CaptureArgs, plain: bool) -> anyhow::Result<()> {
     let mut write_error: Option<anyhow::Error> = None;
     let mut arch = kdpilot_capture::record::Arch::X64;
     let mut detached: Option<(bool, Vec<String>)> = None;
+    let mut last_kernel_base: Option<u64> = None;
     let mut capture = Capture::new(options, |ev| {
         let record: Option<EventRecord> = match ev {
             CaptureEvent::Connected { arch: a, .. } => {
@@ -392,7 +393,9 @@ pub async fn run(args: CaptureArgs, plain: bool) -> anyhow::Result<()> {
                 build: u32::from(*build),
                 arch,
                 kernel_base: *kern_base,
-                kaslr: true,
+                // A new base since the boot before (the first boot seen counts as moved:
+                // nothing says where it was before).
+                kaslr: last_kernel_base.replace(*kern_base) != Some(*kern_base),
             }),
             CaptureEvent::Armed {
                 boot,

@@ -6,7 +6,8 @@
 //! fake-kernel images of the source tree, it then runs a leak hunt: a driver allocates 'Leak'
 //! blocks and frees most of them but leaks on two call paths; `kdpilot capture --track-frees`
 //! streams every allocation's stack to the logs and pairs it with its free (the target reboots
-//! once on the way), and `kdpilot report --outstanding` names the two leaking paths.
+//! once on the way), and `kdpilot report --outstanding` names the paths that leaked; the last line gives the
+//! logs' paths.
 
 use std::time::Duration;
 
@@ -133,6 +134,11 @@ async fn capture_demo(baud: u32) -> anyhow::Result<()> {
     print(&kdpilot_report::render_outstanding_text(
         &outstanding,
         &options,
+    ))?;
+    print(&format!(
+        "\nThe capture's logs: {} (kb-style text) and {} (JSON lines; `kdpilot report` reads them)\n",
+        log.display(),
+        json.display()
     ))?;
     Ok(())
 }

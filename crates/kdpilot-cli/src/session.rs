@@ -96,9 +96,10 @@ pub fn no_answer(endpoint: &Endpoint, timeout: Duration, error: &dyn std::fmt::D
     format!(
         "no KD target answered on {} within {} s ({error}). Check that the target booted with \
          kernel debugging on the same port and rate (bcdedit /debug on; bcdedit /dbgsettings serial \
-         debugport:1 baudrate:115200), the cable or the VM's pipe, and that no other debugger holds the port",
+         debugport:1 baudrate:{}), the cable or the VM's pipe, and that no other debugger holds the port",
         endpoint.description(),
-        timeout.as_secs()
+        timeout.as_secs(),
+        endpoint.baud().unwrap_or(115_200)
     )
 }
 

@@ -142,10 +142,24 @@ async fn capture_logs_every_hit_across_reboots_and_appends() {
 #[cfg(unix)]
 #[tokio::test]
 async fn sigint_detaches_and_leaves_the_target_running() {
+    sigint_leaves_clean(&[]).await;
+}
+
+/// The same with PoolHitTag: after Ctrl-C nt!PoolHitTag holds what it held before (0).
+#[cfg(unix)]
+#[tokio::test]
+async fn sigint_with_pool_hit_tag_restores_it() {
+    sigint_leaves_clean(&["--strategy", "pool-hit-tag"]).await;
+}
+
+/// Ctrl-C after a few hits: exit 0, the target running with no int3 planted, no hardware
+/// breakpoint enabled on any processor, nt!PoolHitTag clear.
+#[cfg(unix)]
+async fn sigint_leaves_clean(extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("ctrlc.log");
     let (port, task) = start(1, None).await;
-    let mut child = capture_cmd(port, &log, &[])
+    let mut child = capture_cmd(port, &log, extra)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -176,6 +190,19 @@ async fn sigint_detaches_and_leaves_the_target_running() {
     assert!(
         machine.planted().is_empty(),
         "a breakpoint was left planted"
+    );
+    for cpu in 0..machine.processors as u16 {
+        let dr7 = machine.debug_registers(cpu).unwrap().dr7;
+        assert_eq!(
+            dr7 & 0xff,
+            0,
+            "a hardware breakpoint left enabled on CPU {cpu}"
+        );
+    }
+    assert_eq!(
+        machine.pool_hit_tag().unwrap_or(0),
+        0,
+        "nt!PoolHitTag left set"
     );
     let lines = std::fs::read_to_string(&json).unwrap();
     assert!(lines.lines().all(|l| LogLine::parse(l).is_ok()));

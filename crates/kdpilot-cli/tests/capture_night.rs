@@ -124,6 +124,19 @@ fn check_clean(machine: &Machine) {
         machine.planted().is_empty(),
         "a breakpoint was left planted"
     );
+    for cpu in 0..machine.processors as u16 {
+        let dr7 = machine.debug_registers(cpu).unwrap().dr7;
+        assert_eq!(
+            dr7 & 0xff,
+            0,
+            "a hardware breakpoint left enabled on CPU {cpu}"
+        );
+    }
+    assert_eq!(
+        machine.pool_hit_tag().unwrap_or(0),
+        0,
+        "nt!PoolHitTag left set"
+    );
 }
 
 /// Serves `machine` on a pseudo-terminal with `model`; returns the slave's path and the task
@@ -205,6 +218,25 @@ async fn serial_capture(
         truth[..got.len()],
         "every hit once, equal to the truth"
     );
+    // Every allocation, not only every stop: in the boots the capture armed from their start
+    // (not the first, which ran before kdpilot connected, nor the last, which it left), each
+    // allocation of the tag that special pool served stopped at the breakpoint.
+    let boots: std::collections::BTreeSet<u64> =
+        activity.workload.truth.iter().map(|t| t.boot).collect();
+    let (first, last) = (boots.first().copied(), boots.last().copied());
+    let slipped = activity
+        .workload
+        .truth
+        .iter()
+        .filter(|t| {
+            t.kind == kdpilot_sim::workload::OpKind::Alloc
+                && t.special_pool
+                && t.stops.is_empty()
+                && Some(t.boot) != first
+                && Some(t.boot) != last
+        })
+        .count();
+    assert_eq!(slipped, 0, "allocations of the tag that stopped nobody");
     all
 }
 
@@ -703,13 +735,19 @@ async fn the_demo_hunts_a_leak_end_to_end() {
         .expect("a top stack");
     assert!(top.contains("leakydrv!LeakyAlloc"), "{top}");
     assert!(stderr.contains("the target is rebooting"), "{stderr}");
-    // The logs are in the working directory and parse.
+    // The logs are in the working directory, named on the demo's last line, and parse.
     let json = std::fs::read_dir(dir.path())
         .unwrap()
         .filter_map(Result::ok)
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|e| e == "jsonl"))
         .expect("the JSON log");
+    let name = json.file_name().unwrap().to_string_lossy().to_string();
+    let last = stdout.trim_end().lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("The capture's logs: ") && last.contains(&name),
+        "the demo ends with the logs' paths: {last}"
+    );
     let all = lines(&json);
     assert!(!events(&all, "free").is_empty());
     assert!(!events(&all, "allocated").is_empty());

@@ -197,10 +197,18 @@ fn a_mismatched_pdb_is_refused_naming_both_identities() {
     let err = block_on(s.find_pdb(&pdb)).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, StoreError::Mismatch { .. }), "{msg}");
-    assert!(
-        msg.contains("{4565DFAF-2D1A-9C38-4C4C-44205044422E}"),
-        "wanted GUID named: {msg}"
+    // The wanted GUID, from the store key (GUID digits then the age).
+    let key = pdb.store_key();
+    let wanted = format!(
+        "{{{}-{}-{}-{}-{}}}",
+        &key[0..8],
+        &key[8..12],
+        &key[12..16],
+        &key[16..20],
+        &key[20..32]
     );
+    assert_eq!(wanted.len(), 38);
+    assert!(msg.contains(&wanted), "wanted GUID {wanted} named: {msg}");
     assert!(
         msg.contains("{998B7C8A-3064-6C0E-4C4C-44205044422E}"),
         "found GUID named: {msg}"
