@@ -340,7 +340,12 @@ pub fn progress_text(event: &kdpilot_symbols::ProgressEvent) -> (String, bool) {
         E::DownloadStarted { url, .. } => (format!("downloading {url}"), true),
         E::DownloadProgress { bytes, total, .. } => (
             match total {
-                Some(t) => format!("downloading: {} of {} KiB", bytes / 1024, t / 1024),
+                Some(t) => format!(
+                    "downloading [{}] {} of {} KiB",
+                    bar(*bytes, *t, 20),
+                    bytes / 1024,
+                    t / 1024
+                ),
                 None => format!("downloading: {} KiB", bytes / 1024),
             },
             false,
@@ -357,6 +362,16 @@ pub fn progress_text(event: &kdpilot_symbols::ProgressEvent) -> (String, bool) {
         E::Extracting { path } => (format!("extracting {}", path.display()), false),
         E::Found { file, path } => (format!("{file}: {}", path.display()), false),
     }
+}
+
+/// A text progress bar of `width` cells: `done` of `total`.
+fn bar(done: u64, total: u64, width: usize) -> String {
+    let filled = if total == 0 {
+        width
+    } else {
+        ((done.min(total) as u128 * width as u128) / total as u128) as usize
+    };
+    format!("{}{}", "#".repeat(filled), "-".repeat(width - filled))
 }
 
 impl kdpilot_symbols::ProgressSink for SymbolProgress {
@@ -381,6 +396,19 @@ fn hash(s: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn downloads_draw_a_progress_bar() {
+        let (text, line) = progress_text(&kdpilot_symbols::ProgressEvent::DownloadProgress {
+            id: 1,
+            bytes: 5 * 1024 * 1024,
+            total: Some(10 * 1024 * 1024),
+        });
+        assert_eq!(text, "downloading [##########----------] 5120 of 10240 KiB");
+        assert!(!line);
+        assert_eq!(bar(20, 10, 4), "####", "never more than full");
+        assert_eq!(bar(0, 0, 3), "###");
+    }
 
     #[test]
     fn renders_every_field() {
