@@ -151,7 +151,7 @@ fn summary(out: &mut String, report: &Report) {
         row(
             "skipped records",
             format!(
-                "{} of kinds this version does not read ({})",
+                "{} of kinds this report does not use ({})",
                 thousands(s.ignored_records),
                 kinds.join(", ")
             ),

@@ -154,7 +154,7 @@ fn header(out: &mut String, o: &Outstanding) {
     if s.bad_lines > 0 || s.ignored_records > 0 {
         let _ = writeln!(
             out,
-            "  skipped          {} that are not records, {} of kinds this version does not read",
+            "  skipped          {} that are not records, {} of kinds this report does not use",
             plural(s.bad_lines, "line", "lines"),
             plural(s.ignored_records, "record", "records")
         );

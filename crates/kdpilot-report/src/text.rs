@@ -110,7 +110,7 @@ fn header(out: &mut String, report: &Report) {
                 .map(|(k, n)| format!("{} {}", clean(k), thousands(*n)))
                 .collect();
             parts.push(format!(
-                "{} of kinds this version does not read ({})",
+                "{} of kinds this report does not use ({})",
                 plural(s.ignored_records, "record", "records"),
                 kinds.join(", ")
             ));
