@@ -10,6 +10,9 @@ use kdpilot_kd::Arch;
 use kdpilot_sim::{serve_with, AllocationActivity, Machine, MachineConfig, TargetOptions};
 use tokio::process::Command;
 
+mod common;
+use common::check_clean;
+
 const LIMIT: Duration = Duration::from_secs(120);
 const LEAK: u32 = u32::from_le_bytes(*b"Leak");
 
@@ -186,24 +189,7 @@ async fn sigint_leaves_clean(extra: &[&str]) {
         .unwrap();
     assert!(out.success(), "exit code after Ctrl-C: {out:?}");
     let (machine, _) = tokio::time::timeout(LIMIT, task).await.unwrap().unwrap();
-    assert!(machine.running, "the target was left stopped");
-    assert!(
-        machine.planted().is_empty(),
-        "a breakpoint was left planted"
-    );
-    for cpu in 0..machine.processors as u16 {
-        let dr7 = machine.debug_registers(cpu).unwrap().dr7;
-        assert_eq!(
-            dr7 & 0xff,
-            0,
-            "a hardware breakpoint left enabled on CPU {cpu}"
-        );
-    }
-    assert_ne!(
-        machine.pool_hit_tag(),
-        Some(LEAK),
-        "nt!PoolHitTag left holding the tag"
-    );
+    check_clean(&machine);
     let lines = std::fs::read_to_string(&json).unwrap();
     assert!(lines.lines().all(|l| LogLine::parse(l).is_ok()));
     assert!(lines.contains("\"event\":\"detached\""));

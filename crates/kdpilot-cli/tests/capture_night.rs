@@ -24,6 +24,9 @@ use kdpilot_sim::{
 };
 use tokio::process::Command;
 
+mod common;
+use common::check_clean;
+
 const LIMIT: Duration = Duration::from_secs(300);
 const LEAK: u32 = u32::from_le_bytes(*b"Leak");
 
@@ -112,31 +115,6 @@ fn truth(activity: &AllocationActivity, function: &str) -> Vec<Vec<String>> {
         .filter(|s| s.first().is_some_and(|f| f.function == function))
         .map(|s| s.iter().map(ToString::to_string).collect())
         .collect()
-}
-
-fn check_clean(machine: &Machine) {
-    assert!(
-        machine.running,
-        "the target was left stopped: {:?}",
-        machine.phase
-    );
-    assert!(
-        machine.planted().is_empty(),
-        "a breakpoint was left planted"
-    );
-    for cpu in 0..machine.processors as u16 {
-        let dr7 = machine.debug_registers(cpu).unwrap().dr7;
-        assert_eq!(
-            dr7 & 0xff,
-            0,
-            "a hardware breakpoint left enabled on CPU {cpu}"
-        );
-    }
-    assert_ne!(
-        machine.pool_hit_tag(),
-        Some(LEAK),
-        "nt!PoolHitTag left holding the tag"
-    );
 }
 
 /// Serves `machine` on a pseudo-terminal with `model`; returns the slave's path and the task
