@@ -602,6 +602,32 @@ impl Machine {
             .collect()
     }
 
+    /// What a debugger that worked with `tag` left behind, as a detach must not: the machine
+    /// stopped, int3s planted, a hardware breakpoint enabled in any processor's Dr7,
+    /// nt!PoolHitTag holding the tag. Empty when the machine was left clean.
+    pub fn leftovers(&self, tag: u32) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.running {
+            out.push(format!("the machine was left stopped: {:?}", self.phase));
+        }
+        let planted = self.planted();
+        if !planted.is_empty() {
+            out.push(format!("int3s left planted at {planted:x?}"));
+        }
+        for cpu in 0..self.processors as u16 {
+            let dr7 = self.debug_registers(cpu).map_or(0, |d| d.dr7);
+            if dr7 & 0xff != 0 {
+                out.push(format!(
+                    "a hardware breakpoint left enabled on CPU {cpu} (Dr7 {dr7:#x})"
+                ));
+            }
+        }
+        if self.pool_hit_tag() == Some(tag) {
+            out.push(format!("nt!PoolHitTag left holding the tag {tag:#010x}"));
+        }
+        out
+    }
+
     /// Whether a debugger int3 from the table is in memory at `address` now (what a CPU
     /// executing there would hit).
     pub fn planted_at(&self, address: u64) -> bool {
